@@ -1,0 +1,25 @@
+"""Exceptions a user can cause. Each message says what went wrong and what to do about it."""
+
+
+class EclsnnError(Exception):
+    """Base class of every error eclsnn raises on purpose."""
+
+
+class ConversionError(EclsnnError, ValueError):
+    """The network cannot be converted faithfully (unsupported operation, missing calibration, ...)."""
+
+
+class SimulationError(EclsnnError, ValueError):
+    """Bad arguments to the simulator (time steps, input shape, non-finite values, ...)."""
+
+
+class ConfigError(EclsnnError, ValueError):
+    """A configuration file or flag is missing, unknown or ill-typed."""
+
+
+class CheckpointError(EclsnnError, ValueError):
+    """A checkpoint is missing, corrupt, unsafe to load or for another architecture."""
+
+
+class DataError(EclsnnError, ValueError):
+    """A data set cannot be found or read."""

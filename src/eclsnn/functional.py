@@ -1,0 +1,142 @@
+"""Pure functions of the method: the threshold clipping function and the neuron dynamics.
+
+Everything here is stateless: state goes in and comes out as tensors, so each function can be
+property-tested on its own. The modules in :mod:`eclsnn.clip` and :mod:`eclsnn.neurons` hold
+parameters, buffers and configuration and call these functions.
+
+Equations (SPEC.md):
+
+- threshold clipping  ``h(z) = λ · clamp(floor(z·L/λ + ψ)/L, 0, 1)``, ψ = 1/2
+- IF neuron           ``m = v + I;  s = H(m − θ);  v = m − s·θ;  out = θ·s``
+- dual-threshold IF   ``s = +1 if m ≥ θ;  −1 if m < θ_neg and c > 0;  0 otherwise``
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "LAMBDA_MIN",
+    "threshold_clip",
+    "if_step",
+    "if_multistep",
+    "dual_threshold_step",
+    "dual_threshold_multistep",
+]
+
+#: Smallest threshold λ used in the forward pass; keeps λ positive while training (SPEC: "must stay
+#: positive"). The gradient still reaches the raw parameter, so a λ pushed below it can recover.
+LAMBDA_MIN = 1e-3
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # SPEC: the clip is computed in fp32 even under autocast (fp16 cannot hold floor(z·L/λ) ties).
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _clip_forward(z: torch.Tensor, lam: torch.Tensor, levels: int | None, shift: float) -> torch.Tensor:
+    if levels:
+        # h = floor(z·L/λ + ψ) clamped to [0, L], times λ/L; (k·λ)/L is exact for dyadic λ and L = 2^k.
+        k = torch.floor(z * (levels / lam) + shift).clamp_(0, levels)
+        return k.mul_(lam).div_(levels)
+    return torch.minimum(z.clamp(min=0), lam)
+
+
+class _ThresholdClipFn(torch.autograd.Function):
+    """Straight-through gradient keyed to the input z (SPEC.md "Gradient").
+
+    For 0 < z < λ: dh/dz = 1, dh/dλ = (h − z)/λ.  For z ≥ λ: dh/dz = 0, dh/dλ = 1.  For z ≤ 0: both 0.
+    Keying the regions to z rather than to the output keeps λ trainable at L = 1, where the output
+    already equals λ for z ≥ λ(1 − 1/2L).
+    """
+
+    @staticmethod
+    def forward(ctx, z, lam, levels, shift):  # type: ignore[override]
+        dtype = _compute_dtype(z.dtype)
+        z = z.to(dtype)
+        lam_e = lam.to(dtype).clamp(min=LAMBDA_MIN)
+        h = _clip_forward(z, lam_e, levels, shift)
+        ctx.save_for_backward(z, lam_e, h)
+        ctx.lam_shape = lam.shape
+        ctx.lam_dtype = lam.dtype
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        z, lam_e, h = ctx.saved_tensors
+        inside = (z > 0) & (z < lam_e)
+        grad_z = grad_lam = None
+        if ctx.needs_input_grad[0]:
+            grad_z = grad * inside
+        if ctx.needs_input_grad[1]:
+            dlam = torch.where(z >= lam_e, torch.ones_like(z), torch.where(inside, (h - z) / lam_e, torch.zeros_like(z)))
+            grad_lam = (grad * dlam).sum_to_size(ctx.lam_shape).to(ctx.lam_dtype)
+        return grad_z, grad_lam, None, None
+
+
+def threshold_clip(z: torch.Tensor, lam: torch.Tensor | float, levels: int | None = 4, shift: float = 0.5) -> torch.Tensor:
+    """Learnable threshold clipping function (SPEC.md; QCFS form with ψ = 1/2).
+
+    ``h(z) = λ · clamp(floor(z·L/λ + shift)/L, 0, 1)``; with ``levels`` None or 0 the plain
+    ``clamp(z, 0, λ)``. ``lam`` must broadcast against ``z`` (a scalar, or per-channel with shape
+    ``[C, 1, 1]`` for images / ``[C]`` for features). λ is clamped to at least :data:`LAMBDA_MIN` in
+    the forward pass. The result is computed in at least float32.
+    """
+    if not torch.is_tensor(lam):
+        lam = torch.tensor(float(lam), device=z.device)
+    if levels is not None and (int(levels) != levels or levels < 0):
+        raise ValueError(f"levels must be a non-negative integer or None, got {levels!r}")
+    return _ThresholdClipFn.apply(z, lam, int(levels) if levels else None, float(shift))
+
+
+# --------------------------------------------------------------------------------------------------
+# Neuron dynamics. ``theta`` broadcasts against one step's input; ``theta_neg`` is absolute (not in
+# units of θ) here — the modules convert.
+
+
+def if_step(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the IF neuron with reset by subtraction.
+
+    ``m = v + x;  s = H(m − θ);  v' = m − s·θ``. Returns ``(θ·s, v')``.
+    """
+    m = v + x
+    out = (m >= theta).to(m.dtype) * theta
+    return out, m - out
+
+
+def if_multistep(x_seq: torch.Tensor, theta: torch.Tensor, v0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run :func:`if_step` over the first dimension of ``x_seq`` (``[T, ...]``).
+
+    Returns ``(out_seq, v_T)`` with ``out_seq`` of the shape of ``x_seq``.
+    """
+    out = torch.empty_like(x_seq)
+    v = v0
+    for t in range(x_seq.shape[0]):
+        out[t], v = if_step(x_seq[t], v, theta)
+    return out, v
+
+
+def dual_threshold_step(
+    x: torch.Tensor, v: torch.Tensor, count: torch.Tensor, theta: torch.Tensor, theta_neg: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of the dual-threshold (signed) IF neuron (SPEC.md "Dual-threshold neuron").
+
+    ``m = v + x``; ``s = +1`` if ``m ≥ θ``, ``−1`` if ``m < θ_neg`` and the net count ``c > 0``
+    (retract one earlier spike), else 0; ``v' = m − s·θ``; ``c' = c + s``. The count gate is the
+    signed neuron "with memory" of SNM (Wang et al., IJCAI 2022). Returns ``(θ·s, v', c')``.
+    """
+    m = v + x
+    s = (m >= theta).to(m.dtype) - ((m < theta_neg) & (count > 0)).to(m.dtype)
+    out = s * theta
+    return out, m - out, count + s
+
+
+def dual_threshold_multistep(
+    x_seq: torch.Tensor, theta: torch.Tensor, theta_neg: torch.Tensor | float, v0: torch.Tensor, count0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run :func:`dual_threshold_step` over the first dimension of ``x_seq``. Returns ``(out_seq, v_T, c_T)``."""
+    out = torch.empty_like(x_seq)
+    v, c = v0, count0
+    for t in range(x_seq.shape[0]):
+        out[t], v, c = dual_threshold_step(x_seq[t], v, c, theta, theta_neg)
+    return out, v, c
