@@ -1,12 +1,30 @@
-"""eclsnn — ANN-to-SNN conversion with error compensation learning (Liu et al., ICML 2025)."""
+"""eclsnn — ANN-to-SNN conversion with error compensation learning (Liu et al., ICML 2025).
+
+Train with :class:`ThresholdClip` in place of ReLU, :func:`convert` to integrate-and-fire neurons
+(dual-threshold by default, membrane starting at θ/2), and :func:`simulate` / :func:`evaluate` at any
+number of time steps.
+"""
 
 from .clip import ThresholdClip
+from .convert import convert, fold_batchnorm, prepare
 from .errors import CheckpointError, ConfigError, ConversionError, DataError, EclsnnError, SimulationError
+from .neurons import DualThresholdIFNeuron, IFNeuron, SpikingNeuron
+from .simulate import SpikingNetwork, evaluate, evaluate_ann, simulate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ThresholdClip",
+    "IFNeuron",
+    "DualThresholdIFNeuron",
+    "SpikingNeuron",
+    "SpikingNetwork",
+    "convert",
+    "prepare",
+    "fold_batchnorm",
+    "simulate",
+    "evaluate",
+    "evaluate_ann",
     "EclsnnError",
     "ConversionError",
     "SimulationError",

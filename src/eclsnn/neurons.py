@@ -1,0 +1,143 @@
+"""Integrate-and-fire neurons: plain IF and the dual-threshold (signed) IF neuron.
+
+Both reset by subtraction, start from ``v(0) = v_init·θ`` and pass ``θ·s(t)`` to the next layer.
+They run in two step modes with identical results:
+
+- ``step_mode="multi"`` (default): input ``[T, B, ...]``, output of the same shape; the state is
+  reset at the start of every call.
+- ``step_mode="single"``: one step ``[B, ...]`` per call; the state is kept until :meth:`reset`.
+
+θ is a scalar or a per-channel vector ``[C]`` (channel = dim 1 of one step's input).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional as SF
+from .clip import channel_view
+
+__all__ = ["IFNeuron", "DualThresholdIFNeuron", "SpikingNeuron"]
+
+_STEP_MODES = ("multi", "single")
+
+
+class SpikingNeuron(nn.Module):
+    """Common state handling of the IF neurons. Subclasses implement the dynamics."""
+
+    def __init__(self, theta, v_init: float = 0.5, step_mode: str = "multi"):
+        super().__init__()
+        theta = torch.as_tensor(theta, dtype=torch.float32).detach().clone()
+        if theta.dim() > 1:
+            theta = theta.flatten()
+        if not torch.isfinite(theta).all() or (theta <= 0).any():
+            raise ValueError(f"theta must be finite and positive, got {theta}")
+        if step_mode not in _STEP_MODES:
+            raise ValueError(f"step_mode must be one of {_STEP_MODES}, got {step_mode!r}")
+        self.register_buffer("theta", theta)
+        self.v_init = float(v_init)
+        self.step_mode = step_mode
+        self.v: torch.Tensor | None = None
+
+    # -- state ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the membrane potential (and spike count); the next step starts from v_init·θ."""
+        self.v = None
+
+    def _theta_for(self, x: torch.Tensor) -> torch.Tensor:
+        return channel_view(self.theta.to(x.dtype), x.dim())
+
+    def _initial_v(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return (theta * self.v_init).expand_as(x).clone()
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step_mode == "single":
+            return self.single_step(x)
+        return self.multi_step(x)
+
+    def single_step(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def multi_step(self, x_seq: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        theta = f"theta={self.theta.item():.4g}" if self.theta.dim() == 0 else f"theta=[{self.theta.numel()} channels]"
+        return f"{theta}, v_init={self.v_init}, step_mode={self.step_mode!r}"
+
+
+class IFNeuron(SpikingNeuron):
+    """Integrate-and-fire neuron, reset by subtraction (SPEC.md "IF neuron").
+
+    ``m(t) = v(t−1) + I(t);  s(t) = H(m(t) − θ);  v(t) = m(t) − s(t)·θ``, output ``θ·s(t)``.
+    With ``v_init = 0.5`` and a constant input z for T = L steps the output equals the threshold
+    clipping function with λ = θ exactly (rounding instead of flooring).
+
+    Args:
+        theta: threshold θ (> 0), scalar or per-channel ``[C]``.
+        v_init: initial membrane potential in units of θ (0.5 is the paper's θ/2).
+        step_mode: ``"multi"`` or ``"single"``.
+    """
+
+    def single_step(self, x: torch.Tensor) -> torch.Tensor:
+        theta = self._theta_for(x)
+        if self.v is None:
+            self.v = self._initial_v(x, theta)
+        out, self.v = SF.if_step(x, self.v, theta)
+        return out
+
+    def multi_step(self, x_seq: torch.Tensor) -> torch.Tensor:
+        theta = self._theta_for(x_seq[0])
+        out, v = SF.if_multistep(x_seq, theta, self._initial_v(x_seq[0], theta))
+        self.v = v
+        return out
+
+
+class DualThresholdIFNeuron(SpikingNeuron):
+    """Dual-threshold (signed) IF neuron (Liu et al., ICML 2025; SPEC.md "Dual-threshold neuron").
+
+    ``m(t) = v(t−1) + I(t)``; ``s(t) = +1`` if ``m ≥ θ``, ``−1`` if ``m < θ_neg`` and the net spike
+    count so far ``c(t−1) > 0``, else 0; ``v(t) = m − s·θ``; output ``θ·s``. The negative spike
+    retracts a spike fired too early; the count gate (SNM, Wang et al., IJCAI 2022) stops neurons whose
+    ANN output is 0 from emitting negative values. With θ_neg = 0 and v_init = 0.5, for inputs in
+    [−θ, θ] each step the net count after T steps is ``clamp(floor(ΣI/θ + 1/2), 0, T)`` whatever the
+    order of the inputs.
+
+    Args:
+        theta: positive threshold θ, scalar or per-channel ``[C]``.
+        v_init: initial membrane potential in units of θ.
+        theta_neg: negative threshold in units of θ (0 = fire a negative spike once the potential
+            drops below 0).
+        step_mode: ``"multi"`` or ``"single"``.
+    """
+
+    def __init__(self, theta, v_init: float = 0.5, theta_neg: float = 0.0, step_mode: str = "multi"):
+        super().__init__(theta, v_init, step_mode)
+        if not theta_neg < 1.0:
+            raise ValueError(f"theta_neg (in units of theta) must be below 1 (the positive threshold), got {theta_neg}")
+        self.theta_neg = float(theta_neg)
+        self.count: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.count = None
+
+    def single_step(self, x: torch.Tensor) -> torch.Tensor:
+        theta = self._theta_for(x)
+        if self.v is None:
+            self.v = self._initial_v(x, theta)
+            self.count = torch.zeros_like(x)
+        out, self.v, self.count = SF.dual_threshold_step(x, self.v, self.count, theta, theta * self.theta_neg)
+        return out
+
+    def multi_step(self, x_seq: torch.Tensor) -> torch.Tensor:
+        theta = self._theta_for(x_seq[0])
+        out, self.v, self.count = SF.dual_threshold_multistep(
+            x_seq, theta, theta * self.theta_neg, self._initial_v(x_seq[0], theta), torch.zeros_like(x_seq[0])
+        )
+        return out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", theta_neg={self.theta_neg}"
