@@ -407,3 +407,13 @@ def test_public_api_names():
     for name in ["ThresholdClip", "IFNeuron", "DualThresholdIFNeuron", "convert", "prepare", "simulate", "evaluate", "ConversionError"]:
         assert hasattr(eclsnn, name)
     assert callable(eclsnn.functional.threshold_clip)
+
+
+def test_calibrated_network_rebuilds_from_stored_thresholds_without_data():
+    model = _randomise_bn(TinyResNet())
+    x = torch.randn(16, 3, 8, 8)
+    snn = convert(model, calibration=x, threshold_rule="percentile")
+    rebuilt = convert(model, threshold_rule="percentile", thresholds=snn.thresholds())
+    assert torch.equal(simulate(snn, x, 4), simulate(rebuilt, x, 4))
+    with pytest.raises(ConversionError, match="do not match"):
+        convert(model, thresholds={"nope": torch.tensor(1.0)})

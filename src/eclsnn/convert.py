@@ -349,6 +349,7 @@ def convert(
     percentile: float = 99.9,
     threshold_granularity: str = "layer",
     step_mode: str = "multi",
+    thresholds: dict[str, torch.Tensor] | None = None,
 ) -> SpikingNetwork:
     """Convert a trained ANN into a spiking network of integrate-and-fire neurons.
 
@@ -364,6 +365,9 @@ def convert(
         percentile: the percentile for ``threshold_rule="percentile"``.
         threshold_granularity: ``"layer"`` (one θ per ReLU layer) or ``"channel"``.
         step_mode: initial step mode of the returned network's neurons.
+        thresholds: θ of ReLU layers given directly, by the neuron's qualified name (as in
+            ``SpikingNetwork.thresholds()`` of an earlier conversion); used instead of calibration,
+            so a data-calibrated SNN can be rebuilt exactly without the data.
 
     Returns:
         a :class:`~eclsnn.SpikingNetwork`; run it with :func:`eclsnn.simulate`.
@@ -392,7 +396,13 @@ def convert(
         raise ConversionError("the network has no activation (ReLU or ThresholdClip) to turn into spiking neurons")
     relus = {n.target: gm.get_submodule(n.target) for n in acts if isinstance(gm.get_submodule(n.target), nn.ReLU)}
     thetas: dict[str, torch.Tensor] = {}
-    if relus:
+    if thresholds is not None:
+        unknown = sorted(set(thresholds) - set(relus))
+        missing = sorted(set(relus) - set(thresholds))
+        if unknown or missing:
+            raise ConversionError(f"thresholds do not match the network's ReLU layers (unknown: {unknown}, missing: {missing})")
+        thetas.update({k: torch.as_tensor(v) for k, v in thresholds.items()})
+    elif relus:
         if calibration is None:
             raise ConversionError(
                 f"{len(relus)} ReLU activation(s) ({', '.join(list(relus)[:4])}{', ...' if len(relus) > 4 else ''}) need "

@@ -63,6 +63,10 @@ class SpikingNetwork(nn.Module):
         return [(n.target, self.graph_module.get_submodule(n.target)) for n in self.graph_module.graph.nodes
                 if n.op == "call_module" and isinstance(self.graph_module.get_submodule(n.target), SpikingNeuron)]
 
+    def thresholds(self) -> dict[str, torch.Tensor]:
+        """θ of every neuron layer by qualified name (a 0-dim tensor or ``[C]``)."""
+        return {name: neuron.theta.detach().clone() for name, neuron in self.neurons()}
+
     def reset(self) -> None:
         for _, neuron in self.neurons():
             neuron.reset()

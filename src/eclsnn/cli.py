@@ -1,0 +1,258 @@
+"""The ``eclsnn`` command line: ``train``, ``convert``, ``evaluate``, ``demo``.
+
+Settings come from a TOML config (``--config``), then ``--set section.key=value`` overrides, then the
+named flags. Errors a user can cause print one line (``eclsnn: error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .errors import EclsnnError
+
+# flag dest -> dotted config key (flags override --config and --set)
+_TRAIN_FLAGS = {
+    "dataset": "data.dataset", "data_dir": "data.data_dir", "download": "data.download",
+    "arch": "model.arch", "activation": "model.activation", "levels": "model.levels",
+    "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
+    "device": "train.device", "output": "train.output", "run_name": "train.run_name", "resume": "train.resume",
+    "init_from": "train.init_from", "max_train_samples": "train.max_train_samples",
+}
+_CONVERT_FLAGS = {
+    "neuron": "convert.neuron", "v_init": "convert.v_init", "theta_neg": "convert.theta_neg",
+    "maxpool": "convert.maxpool", "threshold_rule": "convert.threshold_rule", "percentile": "convert.percentile",
+    "calibration_batches": "convert.calibration_batches",
+}
+_EVAL_FLAGS = {
+    "time_steps": "evaluate.time_steps", "eval_batch_size": "evaluate.batch_size", "split": "evaluate.split",
+    "max_samples": "evaluate.max_samples", "data_dir": "data.data_dir",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own exit status is 2 as well; keep one format
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set train.lr=0.05 (repeatable)")
+
+
+def _add_convert_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("conversion")
+    g.add_argument("--neuron", choices=["dual", "if"], help="dual-threshold or plain IF neurons")
+    g.add_argument("--v-init", type=float, help="initial membrane potential in units of θ (0.5 = θ/2)")
+    g.add_argument("--theta-neg", type=float, help="negative threshold of the dual neuron, in units of θ")
+    g.add_argument("--maxpool", choices=["error", "avg"], help="max-pooling policy")
+    g.add_argument("--threshold-rule", choices=["max", "percentile"], help="θ of ReLU layers from calibration data")
+    g.add_argument("--percentile", type=float)
+    g.add_argument("--calibration-batches", type=int)
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--time-steps", "-T", type=int, help="simulate T steps; accuracy at every t = 1..T")
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--split", choices=["test", "val", "train"])
+    g.add_argument("--max-samples", type=int, help="evaluate a seeded subset of the split")
+    g.add_argument("--data-dir", help="folder with the data set files")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="eclsnn", description="ANN-to-SNN conversion with error compensation learning.")
+    parser.add_argument("--version", action="version", version=f"eclsnn {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("train", help="train an ANN (ThresholdClip or ReLU); works under torchrun")
+    _add_config_args(p)
+    g = p.add_argument_group("common settings")
+    g.add_argument("--dataset", choices=["fashion-mnist", "cifar10", "cifar100", "imagenet"])
+    g.add_argument("--data-dir")
+    g.add_argument("--download", action="store_const", const=True, help="fetch the data set if it is not found")
+    g.add_argument("--arch")
+    g.add_argument("--activation", choices=["clip", "relu"])
+    g.add_argument("--levels", type=int, help="quantisation levels L of the clip (0: plain clip)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int, help="global batch size")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device")
+    g.add_argument("--output", help="folder that holds run folders")
+    g.add_argument("--run-name")
+    g.add_argument("--resume", action="store_const", const=True, help="continue the run from its last checkpoint")
+    g.add_argument("--init-from", metavar="CHECKPOINT", help="start from a trained ReLU network (via eclsnn.prepare)")
+    g.add_argument("--max-train-samples", type=int)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert", help="convert a trained checkpoint to an SNN and save its description")
+    p.add_argument("checkpoint", help="run folder, checkpoint folder or model.safetensors")
+    _add_config_args(p)
+    _add_convert_args(p)
+    p.add_argument("--data-dir", help="data for calibrating ReLU networks")
+    p.add_argument("--output", "-o", help="output folder (default: CHECKPOINT_RUN/snn-NEURON)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("evaluate", help="ANN accuracy and SNN accuracy at every t = 1..T")
+    p.add_argument("checkpoint", help="run folder, checkpoint folder, model.safetensors, or a converted SNN folder")
+    _add_config_args(p)
+    _add_convert_args(p)
+    _add_eval_args(p)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", dest="json_out", help="write the results here (default: beside the checkpoint)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="train on Fashion-MNIST, convert, compare IF / IF θ/2 / dual at T = 1..8")
+    p.add_argument("--output", "-o", default="demo-output", help="output folder (default: demo-output)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: configs/fmnist-cnn.toml's)")
+    p.add_argument("--max-train-samples", type=int, help="train on a seeded subset (quicker)")
+    p.add_argument("--max-samples", type=int, help="evaluate on a seeded subset of the test set")
+    p.add_argument("--time-steps", "-T", type=int, default=8)
+    p.add_argument("--data-dir")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    from .config import parse_overrides
+
+    out = parse_overrides(getattr(args, "set", []) or [])
+    for dest, key in flags.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _config(args: argparse.Namespace, flags: dict[str, str], base: dict[str, Any] | None = None):
+    """Config from (checkpoint's config) ← --config ← --set ← flags."""
+    from .config import config_from_dict, config_to_dict, load_config
+
+    overrides = _overrides(args, flags)
+    if getattr(args, "config", None):
+        return load_config(args.config, overrides)
+    if base is not None:
+        cfg = config_from_dict(base, source="the checkpoint's config")
+        return load_config(None, {**_flatten(config_to_dict(cfg)), **overrides})
+    return load_config(None, overrides)
+
+
+def _flatten(d: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in d.items() for key, value in values.items()}
+
+
+# ---- commands ---------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = _config(args, _TRAIN_FLAGS)
+    run = train(cfg)
+    print(f"run folder: {run}")
+    return 0
+
+
+def _checkpoint_config(ckpt) -> dict[str, Any] | None:
+    return ckpt.meta.get("config")
+
+
+def _convert_one(model, ckpt, cfg, device="cpu"):
+    """Convert ``model`` with ``cfg.convert``; ReLU networks are calibrated on the validation split."""
+    from . import ThresholdClip
+    from .convert import convert
+    from .experiment import calibration_batches, convert_kwargs
+
+    kwargs = convert_kwargs(cfg.convert)
+    calibration = None
+    if not any(isinstance(m, ThresholdClip) for m in model.modules()):
+        seed = ckpt.meta.get("seed", cfg.train.seed)
+        calibration = calibration_batches(cfg.data, seed, cfg.evaluate.batch_size, cfg.convert.calibration_batches, device)
+    return convert(model, calibration=calibration, **kwargs), kwargs
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .experiment import load_ann, save_snn
+
+    model, ckpt = load_ann(args.checkpoint)
+    cfg = _config(args, {**_CONVERT_FLAGS, "data_dir": "data.data_dir"}, _checkpoint_config(ckpt))
+    snn, kwargs = _convert_one(model, ckpt, cfg)
+    out = Path(args.output) if args.output else ckpt.path.parent.parent / f"snn-{kwargs['neuron']}"
+    save_snn(out, ckpt.path, snn, kwargs)
+    print(f"converted {ckpt.meta.get('model', {}).get('arch', 'model')} ({len(snn.neurons())} neuron layers, "
+          f"{kwargs['neuron']} neurons, v_init={kwargs['v_init']}·θ) -> {out}")
+    for name, neuron in snn.neurons():
+        theta = neuron.theta
+        shown = f"{theta.item():.4g}" if theta.dim() == 0 else f"{theta.min().item():.4g}..{theta.max().item():.4g} ({theta.numel()} ch)"
+        print(f"  {name:<32} θ = {shown}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .experiment import eval_loader, evaluate_variants, format_table, is_snn_folder, load_ann, load_snn, load_split, write_json
+
+    device = args.device
+    if is_snn_folder(args.checkpoint):
+        snn, model, ckpt, spec = load_snn(args.checkpoint, device)
+        cfg = _config(args, _EVAL_FLAGS, _checkpoint_config(ckpt))
+        variant = f"{spec['convert']['neuron']} (saved)"
+        default_json = Path(args.checkpoint) / "evaluation.json"
+    else:
+        model, ckpt = load_ann(args.checkpoint, device)
+        cfg = _config(args, {**_CONVERT_FLAGS, **_EVAL_FLAGS}, _checkpoint_config(ckpt))
+        snn, kwargs = _convert_one(model, ckpt, cfg, device)
+        variant = kwargs["neuron"]
+        default_json = ckpt.path.parent.parent / "evaluation.json"
+    e = cfg.evaluate
+    seed = ckpt.meta.get("seed", cfg.train.seed)
+    dataset, indices = load_split(cfg.data, e.split, seed, e.max_samples)
+    loader = eval_loader(dataset, indices, e.batch_size, device, None if args.no_progress else f"evaluate T={e.time_steps}")
+    start = time.perf_counter()
+    results = evaluate_variants(model, loader, e.time_steps, {variant: snn})
+    results.update(split=e.split, checkpoint=str(ckpt.path), convert=asdict(cfg.convert), seconds=time.perf_counter() - start)
+    print(f"{e.split} split, {results['num_samples']} images, T = 1..{e.time_steps}")
+    print(format_table(results))
+    out = write_json(args.json_out or default_json, results)
+    print(f"results: {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EclsnnError as exc:
+        print(f"eclsnn: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("eclsnn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The glue between a trained checkpoint and the numbers a user reads: data splits for evaluation and
+calibration, converting a checkpoint, evaluating ANN and SNN variants in one pass, tables, plots and
+result files. The command line (:mod:`eclsnn.cli`) is a thin layer over these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, build_model, load_checkpoint, resolve_checkpoint
+from .config import ConvertConfig, DataConfig
+from .convert import convert
+from .errors import CheckpointError, SimulationError
+from .simulate import SpikingNetwork, check_time_steps, simulate
+
+__all__ = [
+    "load_split", "eval_loader", "calibration_batches", "load_ann", "convert_kwargs", "save_snn", "load_snn",
+    "evaluate_variants", "format_table", "plot_accuracy_vs_t", "write_json", "DEMO_VARIANTS",
+]
+
+#: The three variants of the demo: the plain IF neuron, IF with θ/2 start, the dual-threshold neuron.
+DEMO_VARIANTS: dict[str, dict[str, Any]] = {
+    "if-v0": {"neuron": "if", "v_init": 0.0},
+    "if-half": {"neuron": "if", "v_init": 0.5},
+    "dual": {"neuron": "dual", "v_init": 0.5},
+}
+
+SNN_SPEC = "snn.json"
+SNN_THRESHOLDS = "thresholds.safetensors"
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+def load_split(data: DataConfig, split: str, seed: int, max_samples: int | None = None):
+    """``(dataset, indices)`` of ``split``: "test" (the test set), or "val"/"train" (the seeded split of
+    the training set that training used). ``max_samples`` keeps a seeded subset."""
+    from .data import load_dataset, split_train_val
+
+    if split not in ("test", "val", "train"):
+        raise SimulationError(f"split must be 'test', 'val' or 'train', got {split!r}")
+    dataset = load_dataset(data.dataset, train=split != "test", data_dir=data.data_dir, download=data.download)
+    if split == "test":
+        indices = torch.arange(len(dataset))
+    else:
+        train_idx, val_idx = split_train_val(len(dataset), data.val_fraction, seed)
+        indices = train_idx if split == "train" else val_idx
+        if len(indices) == 0:
+            raise SimulationError(f"the {split} split is empty (data.val_fraction = {data.val_fraction}); raise val_fraction")
+    if max_samples is not None and max_samples < len(indices):
+        keep = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:max_samples]
+        indices = indices[keep.sort().values]
+    return dataset, indices
+
+
+def eval_loader(dataset, indices, batch_size: int, device: str | torch.device = "cpu", progress: str | None = None):
+    from .data import BatchLoader
+
+    return BatchLoader(dataset, indices, batch_size=batch_size, shuffle=False, augment=False, device=device, progress=progress)
+
+
+def calibration_batches(data: DataConfig, seed: int, batch_size: int, num_batches: int, device="cpu") -> list[torch.Tensor]:
+    """Inputs for threshold calibration, from the validation split (data-chosen values are chosen on
+    held-out training data, never on the test set)."""
+    dataset, indices = load_split(data, "val", seed)
+    batches = []
+    for x, _ in eval_loader(dataset, indices, batch_size, device):
+        batches.append(x)
+        if len(batches) >= num_batches:
+            break
+    return batches
+
+
+# ---- checkpoints and SNN specs -------------------------------------------------------------------------
+
+def load_ann(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Checkpoint]:
+    """The trained ANN of a checkpoint (run folder, checkpoint folder or its weights file), in eval mode."""
+    ckpt = load_checkpoint(resolve_checkpoint(path))
+    return build_model(ckpt).to(device).eval(), ckpt
+
+
+def convert_kwargs(settings: ConvertConfig | dict, **overrides) -> dict[str, Any]:
+    """Keyword arguments of :func:`eclsnn.convert` from a ``[convert]`` section."""
+    d = asdict(settings) if not isinstance(settings, dict) else dict(settings)
+    d.update(overrides)
+    keys = ("neuron", "v_init", "theta_neg", "maxpool", "threshold_rule", "percentile")
+    return {k: d[k] for k in keys if k in d}
+
+
+def save_snn(folder: str | os.PathLike, checkpoint: Path, snn: SpikingNetwork, settings: dict[str, Any]) -> Path:
+    """Save a converted SNN as what rebuilds it: the ANN checkpoint's path, the conversion settings
+    (JSON) and the thresholds θ (safetensors) — never a pickled module."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    thetas = {k: v.contiguous() for k, v in snn.thresholds().items()}
+    save_file(thetas, str(folder / SNN_THRESHOLDS))
+    spec = {
+        "format": "eclsnn-snn", "version": 1, "checkpoint": str(Path(checkpoint).resolve()), "convert": settings,
+        "neurons": [{"name": k, "theta": v.tolist()} for k, v in thetas.items()],
+    }
+    write_json(folder / SNN_SPEC, spec)
+    return folder
+
+
+def is_snn_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / SNN_SPEC).is_file()
+
+
+def load_snn(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SpikingNetwork, nn.Module, Checkpoint, dict]:
+    """Rebuild a saved SNN by converting its ANN checkpoint again with the stored settings and θ."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        spec = json.loads((folder / SNN_SPEC).read_text())
+        thetas = load_file(str(folder / SNN_THRESHOLDS))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the SNN in {folder}: {exc}; convert the checkpoint again with 'eclsnn convert'") from None
+    if spec.get("format") != "eclsnn-snn":
+        raise CheckpointError(f"{folder / SNN_SPEC} is not an eclsnn SNN description")
+    model, ckpt = load_ann(spec["checkpoint"], device)
+    kwargs = convert_kwargs(spec["convert"])
+    relu_thetas = {k: v for k, v in thetas.items() if not _is_clip_layer(model, k)}
+    snn = convert(model, thresholds=relu_thetas or None, **kwargs)
+    return snn, model, ckpt, spec
+
+
+def _is_clip_layer(model: nn.Module, name: str) -> bool:
+    """Whether neuron ``name`` takes its θ from a learned λ (else it was calibrated, e.g. a ReLU
+    module or a functional ReLU that conversion gave its own module)."""
+    from .clip import ThresholdClip
+
+    try:
+        return isinstance(model.get_submodule(name), ThresholdClip)
+    except AttributeError:
+        return False
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_variants(
+    model: nn.Module, loader: Iterable, time_steps: int, variants: dict[str, SpikingNetwork],
+) -> dict[str, Any]:
+    """ANN accuracy and, for each converted variant, SNN accuracy at every t = 1…T, in one pass over
+    the data (each batch is loaded once and run through every network)."""
+    T = check_time_steps(time_steps)
+    model.eval()
+    correct_ann, total = 0, 0
+    correct = {name: torch.zeros(T, dtype=torch.long) for name in variants}
+    for x, y in loader:
+        correct_ann += (model(x).argmax(-1) == y).sum().item()
+        for name, snn in variants.items():
+            out = simulate(snn, x, T)
+            correct[name] += (out.argmax(-1) == y).sum(1).cpu()
+        total += y.shape[0]
+    if total == 0:
+        raise SimulationError("no samples to evaluate")
+    return {
+        "num_samples": total,
+        "time_steps": T,
+        "ann_accuracy": correct_ann / total,
+        "snn_accuracy": {name: {str(t + 1): c[t].item() / total for t in range(T)} for name, c in correct.items()},
+    }
+
+
+def format_table(results: dict[str, Any], steps: list[int] | None = None) -> str:
+    """A Markdown table: one row per variant, one column per t, the ANN on top."""
+    T = results["time_steps"]
+    steps = steps or list(range(1, T + 1))
+    head = "| network | " + " | ".join(f"T={t}" for t in steps) + " |"
+    rule = "|---|" + "---|" * len(steps)
+    rows = [head, rule, f"| ANN | {100 * results['ann_accuracy']:.2f} (all T) " + "| " * (len(steps) - 1) + "|"]
+    for name, accs in results["snn_accuracy"].items():
+        rows.append(f"| {name} | " + " | ".join(f"{100 * accs[str(t)]:.2f}" for t in steps) + " |")
+    return "\n".join(rows)
+
+
+def plot_accuracy_vs_t(results: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
+    """Accuracy against time steps for every variant, with the ANN as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, accs in results["snn_accuracy"].items():
+        ts = sorted(int(t) for t in accs)
+        ax.plot(ts, [100 * accs[str(t)] for t in ts], marker="o", label=name)
+    ax.axhline(100 * results["ann_accuracy"], color="k", linestyle="--", label="ANN")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("time steps T")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
