@@ -34,20 +34,18 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _clip_forward(z: torch.Tensor, lam: torch.Tensor, levels: int | None, shift: float) -> torch.Tensor:
-    if levels:
-        # h = floor(z·L/λ + ψ) clamped to [0, L], times λ/L; (k·λ)/L is exact for dyadic λ and L = 2^k.
-        k = torch.floor(z * (levels / lam) + shift).clamp_(0, levels)
-        return k.mul_(lam).div_(levels)
-    return torch.minimum(z.clamp(min=0), lam)
-
-
 class _ThresholdClipFn(torch.autograd.Function):
     """Straight-through gradient keyed to the input z (SPEC.md "Gradient").
 
     For 0 < z < λ: dh/dz = 1, dh/dλ = (h − z)/λ.  For z ≥ λ: dh/dz = 0, dh/dλ = 1.  For z ≤ 0: both 0.
     Keying the regions to z rather than to the output keeps λ trainable at L = 1, where the output
     already equals λ for z ≥ λ(1 − 1/2L).
+
+    Written for few passes over memory (the clip sits on the largest tensors of a network): with
+    c = clamp(z, 0, λ), the quantised output is ``h = floor(c·L/λ + ψ)·λ/L`` (no second clamp needed),
+    and the per-element λ-gradient is ``(h − c)/λ + [z ≥ λ]`` — which is (h − z)/λ inside, 1 above and
+    0 below — computed in the forward pass so that the backward pass is one masked copy and one
+    reduction.
     """
 
     @staticmethod
@@ -55,22 +53,38 @@ class _ThresholdClipFn(torch.autograd.Function):
         dtype = _compute_dtype(z.dtype)
         z = z.to(dtype)
         lam_e = lam.to(dtype).clamp(min=LAMBDA_MIN)
-        h = _clip_forward(z, lam_e, levels, shift)
-        ctx.save_for_backward(z, lam_e, h)
+        scalar = lam_e.dim() == 0
+        c = z.clamp(0, lam_e.item()) if scalar and z.device.type == "cpu" else torch.minimum(z.clamp(min=0), lam_e)
+        if levels:
+            h = torch.floor(c * (levels / lam_e) + shift).mul_(lam_e / levels) if shift >= 0 else None
+            if h is None:  # ψ < 0 could push floor below 0: clamp as the formula says
+                h = torch.floor(c * (levels / lam_e) + shift).clamp_(0, levels).mul_(lam_e / levels)
+        else:
+            h = c
+        if ctx.needs_input_grad[1]:
+            dlam = (h - c).div_(lam_e).add_(z >= lam_e) if levels else (z >= lam_e).to(dtype)
+        else:
+            dlam = None
+        ctx.save_for_backward(z, lam_e, dlam)
         ctx.lam_shape = lam.shape
         ctx.lam_dtype = lam.dtype
         return h
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        z, lam_e, h = ctx.saved_tensors
-        inside = (z > 0) & (z < lam_e)
+        z, lam_e, dlam = ctx.saved_tensors
         grad_z = grad_lam = None
         if ctx.needs_input_grad[0]:
-            grad_z = grad * inside
+            if lam_e.dim() == 0 and z.device.type == "cpu":
+                grad_z = torch.ops.aten.hardtanh_backward(grad, z, 0.0, lam_e.item())  # grad where 0 < z < λ
+            else:
+                grad_z = grad * ((z > 0) & (z < lam_e))
         if ctx.needs_input_grad[1]:
-            dlam = torch.where(z >= lam_e, torch.ones_like(z), torch.where(inside, (h - z) / lam_e, torch.zeros_like(z)))
-            grad_lam = (grad * dlam).sum_to_size(ctx.lam_shape).to(ctx.lam_dtype)
+            if lam_e.dim() == 0:
+                grad_lam = torch.dot(grad.reshape(-1), dlam.reshape(-1))
+            else:
+                grad_lam = (grad * dlam).sum_to_size(ctx.lam_shape)
+            grad_lam = grad_lam.reshape(ctx.lam_shape).to(ctx.lam_dtype)
         return grad_z, grad_lam, None, None
 
 
@@ -107,12 +121,19 @@ def if_step(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor) -> tuple[torc
 def if_multistep(x_seq: torch.Tensor, theta: torch.Tensor, v0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run :func:`if_step` over the first dimension of ``x_seq`` (``[T, ...]``).
 
-    Returns ``(out_seq, v_T)`` with ``out_seq`` of the shape of ``x_seq``.
+    Returns ``(out_seq, v_T)`` with ``out_seq`` of the shape of ``x_seq``. The same arithmetic as
+    :func:`if_step` (so the results are identical), done in place: four passes over memory a step
+    and no allocation.
     """
     out = torch.empty_like(x_seq)
-    v = v0
+    v = v0.clone()
+    spike = torch.empty(v.shape, dtype=torch.bool, device=v.device)
     for t in range(x_seq.shape[0]):
-        out[t], v = if_step(x_seq[t], v, theta)
+        v.add_(x_seq[t])  # m = v + x
+        torch.ge(v, theta, out=spike)
+        o = out[t]
+        torch.mul(spike, theta, out=o)  # θ·s
+        v.sub_(o)  # v = m − θ·s
     return out, v
 
 
@@ -134,9 +155,28 @@ def dual_threshold_step(
 def dual_threshold_multistep(
     x_seq: torch.Tensor, theta: torch.Tensor, theta_neg: torch.Tensor | float, v0: torch.Tensor, count0: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run :func:`dual_threshold_step` over the first dimension of ``x_seq``. Returns ``(out_seq, v_T, c_T)``."""
+    """Run :func:`dual_threshold_step` over the first dimension of ``x_seq``. Returns ``(out_seq, v_T, c_T)``.
+
+    Identical arithmetic to :func:`dual_threshold_step` (θ·s is exactly ±θ or 0), done in place
+    with preallocated masks.
+    """
     out = torch.empty_like(x_seq)
-    v, c = v0, count0
+    v = v0.clone()
+    count = count0.clone()
+    shape, dev = v.shape, v.device
+    pos = torch.empty(shape, dtype=torch.bool, device=dev)
+    neg = torch.empty(shape, dtype=torch.bool, device=dev)
+    fired = torch.gt(count, 0)
+    neg_theta = -theta if torch.is_tensor(theta) else torch.tensor(-theta)
     for t in range(x_seq.shape[0]):
-        out[t], v, c = dual_threshold_step(x_seq[t], v, c, theta, theta_neg)
-    return out, v, c
+        v.add_(x_seq[t])  # m = v + x
+        torch.ge(v, theta, out=pos)
+        torch.lt(v, theta_neg, out=neg)
+        neg.logical_and_(fired)  # count gate: retract only an earlier spike
+        o = out[t]
+        torch.mul(pos, theta, out=o)
+        torch.where(neg, neg_theta, o, out=o)  # θ·s with s ∈ {−1, 0, 1}
+        v.sub_(o)
+        count.add_(pos).add_(neg, alpha=-1)
+        torch.gt(count, 0, out=fired)
+    return out, v, count

@@ -51,11 +51,23 @@ class SpikingNetwork(nn.Module):
     layers before the first neuron once.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, settings: dict | None = None):
+    def __init__(self, graph_module: fx.GraphModule, settings: dict | None = None, channels_last: bool | None = None):
         super().__init__()
         self.graph_module = graph_module
         self.settings = dict(settings or {})
         self._plan: tuple[list[fx.Node], dict[fx.Node, list[fx.Node]]] | None = None
+        # Image networks run in channels-last layout: on CPU, oneDNN convolutions and average pooling
+        # are markedly faster on it (pooling ~3x on spike maps), and neurons are layout-agnostic.
+        if channels_last is None:
+            channels_last = any(isinstance(m, nn.Conv2d) for m in graph_module.modules())
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.graph_module.to(memory_format=torch.channels_last)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     # -- neurons and state ------------------------------------------------------------------------
     def neurons(self) -> list[tuple[str, SpikingNeuron]]:
@@ -87,11 +99,11 @@ class SpikingNetwork(nn.Module):
     # -- execution ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.step_mode == "single":
-            return self.graph_module(x)
+            return self.graph_module(self._layout(x))
         if x.dim() < 2:
             raise SimulationError(f"multi-step input must be [T, B, ...], got shape {tuple(x.shape)}")
         T, B = x.shape[:2]
-        out = self._execute(x.flatten(0, 1), T, _SEQ)
+        out = self._execute(self._layout(x.flatten(0, 1)), T, _SEQ)
         return out.view(T, B, *out.shape[1:])
 
     def run(self, x: torch.Tensor, time_steps: int) -> torch.Tensor:
@@ -99,7 +111,7 @@ class SpikingNetwork(nn.Module):
         steps; returns the readout of every step, ``[T, B, ...]``. State starts fresh."""
         T = check_time_steps(time_steps)
         self.reset()
-        out = self._execute(x, T, _STATIC)
+        out = self._execute(self._layout(x), T, _STATIC)
         return out.view(T, x.shape[0], *out.shape[1:])
 
     def _plan_graph(self):
