@@ -1,0 +1,716 @@
+"""Training loop: SGD with momentum, cosine schedule, validation split, crash-safe checkpoints, DDP.
+
+:func:`train` takes a :class:`~eclsnn.config.Config` and returns the run folder::
+
+    <output>/<run_name>/
+        config.json             the settings of the (latest) start of the run
+        metrics.jsonl           one JSON object per epoch (epoch, train_loss, train_acc, val_loss, val_acc,
+                                lr = the learning rate of the epoch's first step, seconds), then one
+                                with the test accuracy of the final model
+        summary.json            best epoch, final and test accuracy
+        checkpoints/last/       after every epoch (see eclsnn.checkpoint)
+        checkpoints/best/       the epoch with the best validation accuracy
+
+Reproducibility: every random choice derives from ``train.seed`` — the validation split and the
+training subset (seeded generators), the data order and augmentation (``(seed, epoch)`` in
+:class:`~eclsnn.data.BatchLoader`), the initial weights and dropout (the global torch RNG, saved in
+every checkpoint). On the CPU deterministic algorithms are enforced, so the same seed gives
+bit-identical weights and metrics, and ``resume`` continues a run exactly where an uninterrupted one
+would be. Under torchrun all ranks share the global RNG state (DDP also broadcasts rank 0's weights),
+so a checkpoint written by rank 0 resumes every rank.
+
+Distributed: launched by ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
+DistributedDataParallel (gloo on the CPU, NCCL on CUDA), each rank gets ``batch_size / world_size``
+samples of every global batch, metrics are summed over ranks, and only rank 0 writes files and prints.
+BatchNorm normalises with each rank's own batch statistics (SyncBatchNorm is CUDA-only in PyTorch), as
+in torchvision's reference scripts without ``--sync-bn``; rank 0's running statistics are the ones
+evaluated and saved. Checkpoints record the global RNG state of rank 0 only, which is why all ranks
+share it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import (
+    build_model,
+    find_checkpoint,
+    load_checkpoint,
+    load_weights,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .clip import ThresholdClip
+from .config import Config, config_to_dict
+from .errors import ConfigError, EclsnnError
+
+__all__ = ["TrainingError", "train", "run_folder", "default_run_name", "parameter_groups", "lr_lambda"]
+
+
+class TrainingError(EclsnnError):
+    """Training cannot continue (a non-finite loss or non-finite weights)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# pieces that are useful on their own
+
+
+def default_run_name(cfg: Config) -> str:
+    m = cfg.model
+    return f"{m.arch}-{cfg.data.dataset}-{m.activation}-L{m.levels or 0}-s{cfg.train.seed}"
+
+
+def run_folder(cfg: Config) -> Path:
+    """``train.output / (train.run_name or default_run_name(cfg))``."""
+    return Path(cfg.train.output) / (cfg.train.run_name or default_run_name(cfg))
+
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, threshold_weight_decay: float) -> list[dict[str, Any]]:
+    """SGD parameter groups: conv/linear weights with `weight_decay`; BatchNorm parameters and biases
+    without (decaying a BN scale or a bias only fights the normalisation); the thresholds λ of
+    :class:`ThresholdClip` with `threshold_weight_decay` (their own group, so λ's decay is a separate
+    choice: decaying it pulls the clip range towards 0). Empty groups are left out."""
+    thresholds, no_decay, decay = [], [], []
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen or not param.requires_grad:
+                continue
+            seen.add(id(param))
+            if isinstance(module, ThresholdClip):
+                thresholds.append(param)
+            elif isinstance(module, _NORM_TYPES) or name == "bias" or param.dim() <= 1:
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    groups = [
+        {"name": "weights", "params": decay, "weight_decay": weight_decay},
+        {"name": "norm_and_bias", "params": no_decay, "weight_decay": 0.0},
+        {"name": "thresholds", "params": thresholds, "weight_decay": threshold_weight_decay},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR factor at optimizer step `step` (0-based): linear warmup to 1 over `warmup_steps`, then a
+    cosine decay to 0 at `total_steps` (per step, not per epoch)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------------------------------
+# distributed set-up
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[self.local_rank])
+            else:
+                dist.barrier()
+
+    def all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+        return tensor
+
+
+def _device_type(pref: str) -> str:
+    if pref == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if pref.startswith("cuda") else "cpu"
+
+
+def _init_distributed(cfg: Config) -> _Dist:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return _Dist()
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if _device_type(cfg.train.device) == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        owns = True
+    rank = dist.get_rank()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    return _Dist(rank=rank, world_size=dist.get_world_size(), local_rank=local_rank, owns_group=owns)
+
+
+def _select_device(cfg: Config, ddp: _Dist) -> torch.device:
+    kind = _device_type(cfg.train.device)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.device = {cfg.train.device!r} but CUDA is not available here; use \"cpu\" or \"auto\""
+            )
+        if ddp.enabled:
+            index = ddp.local_rank
+        elif ":" in cfg.train.device:
+            index = int(cfg.train.device.split(":")[1])
+        else:
+            index = torch.cuda.current_device()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# the trainer
+
+
+def _log(ddp: _Dist, message: str) -> None:
+    if ddp.is_main:
+        print(message, flush=True)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    _write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _uninitialised(model: nn.Module) -> bool:
+    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
+
+
+def _fmt_acc(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _fmt_loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+# Settings that make a resumed run a different experiment if they change.
+_RESUME_MUST_MATCH = (
+    ("data", "dataset"), ("data", "val_fraction"), ("data", "augment"), ("train", "seed"),
+    ("train", "batch_size"), ("train", "max_train_samples"), ("train", "init_from"),
+)
+# Settings a resumed run may change (e.g. a lower lr after a NaN); the run is then no longer identical
+# to an uninterrupted one, and a note says so. The optimizer ones are re-applied after loading its state.
+_RESUME_MAY_CHANGE = (
+    ("train", "epochs"), ("train", "lr"), ("train", "momentum"), ("train", "nesterov"), ("train", "weight_decay"),
+    ("train", "threshold_weight_decay"), ("train", "label_smoothing"), ("train", "warmup_epochs"),
+    ("train", "amp"), ("train", "channels_last"), ("train", "device"),
+)
+
+
+class _Trainer:
+    def __init__(self, cfg: Config, ddp: _Dist):
+        self.cfg = cfg
+        self.ddp = ddp
+        self.device = _select_device(cfg, ddp)
+        self.cuda = self.device.type == "cuda"
+        self.run = run_folder(cfg)
+
+    # ---- data ------------------------------------------------------------------------------------
+
+    def _load(self, train: bool):
+        from .data import load_dataset
+
+        d = self.cfg.data
+        if d.download and self.ddp.enabled and not self.ddp.is_main:
+            self.ddp.barrier()  # let rank 0 download first
+            return load_dataset(d.dataset, train=train, data_dir=d.data_dir, download=False)
+        data = load_dataset(d.dataset, train=train, data_dir=d.data_dir, download=d.download)
+        if d.download and self.ddp.enabled:
+            self.ddp.barrier()
+        return data
+
+    def _setup_data(self) -> None:
+        from .data import BatchLoader, split_train_val
+
+        cfg, t = self.cfg, self.cfg.train
+        if t.batch_size % self.ddp.world_size:
+            raise ConfigError(
+                f"train.batch_size = {t.batch_size} is the global batch and must be divisible by the "
+                f"number of processes ({self.ddp.world_size}); choose a multiple of {self.ddp.world_size}"
+            )
+        self.train_set = self._load(train=True)
+        self.info = self.train_set.info
+        train_idx, val_idx = split_train_val(len(self.train_set), cfg.data.val_fraction, t.seed)
+        if t.max_train_samples is not None and t.max_train_samples < len(train_idx):
+            generator = torch.Generator().manual_seed(t.seed)
+            keep = torch.randperm(len(train_idx), generator=generator)[: t.max_train_samples]
+            train_idx = train_idx[keep.sort().values]
+        self.train_idx, self.val_idx = train_idx, val_idx
+        self.per_rank_batch = t.batch_size // self.ddp.world_size
+        if len(train_idx) < t.batch_size:
+            raise ConfigError(
+                f"the training part has {len(train_idx)} samples, fewer than one batch of train.batch_size = "
+                f"{t.batch_size}; lower the batch size or raise train.max_train_samples"
+            )
+        self.train_loader = BatchLoader(
+            self.train_set, train_idx, batch_size=self.per_rank_batch, shuffle=True, augment=cfg.data.augment,
+            seed=t.seed, drop_last=True, device=self.device, rank=self.ddp.rank, world_size=self.ddp.world_size,
+        )
+        self.val_loader = self._eval_loader(self.train_set, val_idx) if len(val_idx) else None
+
+    def _eval_loader(self, dataset, indices: torch.Tensor):
+        """This rank's share of an evaluation set: ``indices[rank::world_size]``, without the
+        wrap-around padding of the training sharding, so the summed metrics count every sample once."""
+        from .data import BatchLoader
+
+        mine = indices[self.ddp.rank :: self.ddp.world_size]
+        if len(mine) == 0:
+            return None
+        return BatchLoader(dataset, mine, batch_size=self.cfg.evaluate.batch_size, shuffle=False,
+                           augment=False, device=self.device)
+
+    # ---- model -----------------------------------------------------------------------------------
+
+    def _model_kwargs(self) -> dict[str, Any]:
+        from .models import MODEL_DEFAULTS
+
+        m = self.cfg.model
+        stem = m.stem
+        if stem is None:  # pick the stem made for the data set's image size (e.g. ImageNet's 224 px)
+            stems = (MODEL_DEFAULTS.get(m.arch) or {}).get("stems") or {}
+            matching = [s for s, side in stems.items() if side == self.info.image_size]
+            default = (MODEL_DEFAULTS.get(m.arch) or {}).get("stem")
+            stem = default if default in matching or not matching else matching[0]
+        return {
+            "arch": m.arch, "num_classes": self.info.num_classes, "activation": m.activation, "levels": m.levels,
+            "init_threshold": m.init_threshold, "per_channel": m.per_channel, "in_channels": self.info.channels,
+            "pool": m.pool, "stem": stem, "dropout": m.dropout,
+        }
+
+    def _create(self, kwargs: dict[str, Any]) -> nn.Module:
+        from .models import create
+
+        kwargs = dict(kwargs)
+        return create(kwargs.pop("arch"), **kwargs)
+
+    def _calibration_batches(self) -> list[torch.Tensor]:
+        from .data import BatchLoader
+
+        t = self.cfg.train
+        # The same batches on every rank (world_size=1 here), so every rank computes the same λ.
+        loader = BatchLoader(self.train_set, self.train_idx, batch_size=min(t.batch_size, len(self.train_idx)),
+                             shuffle=True, augment=False, seed=t.seed, device=self.device)
+        loader.set_epoch(0)
+        batches = []
+        for x, _ in loader:
+            batches.append(x)
+            if len(batches) >= t.init_calibration_batches:
+                break
+        return batches
+
+    def _init_from(self, model: nn.Module) -> None:
+        from .convert import prepare
+
+        t = self.cfg.train
+        ckpt = load_checkpoint(t.init_from)
+        src = dict(ckpt.meta.get("model") or {})
+        if src.get("arch") != self.model_kwargs["arch"]:
+            raise ConfigError(
+                f"train.init_from = {t.init_from} holds a {src.get('arch')!r} network but model.arch is "
+                f"{self.model_kwargs['arch']!r}; set model.arch = {src.get('arch')!r}"
+            )
+        source = build_model(ckpt).to(self.device)
+        if src.get("activation") == "clip":
+            _log(self.ddp, f"initialising from {ckpt.path} (a threshold-clip network: weights and λ as they are)")
+            load_weights(model, {k: v for k, v in ckpt.state_dict.items()}, what=f"checkpoint {ckpt.path}")
+            return
+        m = self.cfg.model
+        batches = self._calibration_batches()
+        _log(self.ddp, f"initialising from the ReLU network {ckpt.path}: λ = {t.init_percentile} percentile of "
+                       f"each ReLU's output on {sum(len(b) for b in batches)} training images")
+        prepared = prepare(source, levels=m.levels, calibration=batches, percentile=t.init_percentile,
+                           per_channel=m.per_channel, init_threshold=m.init_threshold)
+        load_weights(model, {k: v.detach().cpu() for k, v in prepared.state_dict().items()},
+                     what=f"the prepared network from {ckpt.path}")
+
+    def _setup_model(self) -> None:
+        t = self.cfg.train
+        self.model_kwargs = self._model_kwargs()
+        model = self._create(self.model_kwargs)
+        if _uninitialised(model):  # lazily shaped per-channel λ: one dry forward pass fixes the shapes
+            size = self.info.image_size
+            with torch.no_grad():
+                model.eval()(torch.zeros(2, self.info.channels, size, size))
+        if t.init_from and not self.resume_ckpt:
+            self._init_from(model)
+        model.to(self.device)
+        if self.cuda and t.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+
+        self.optimizer = torch.optim.SGD(
+            parameter_groups(model, t.weight_decay, t.threshold_weight_decay),
+            lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
+        )
+        self.steps_per_epoch = len(self.train_loader)
+        total, warmup = t.epochs * self.steps_per_epoch, t.warmup_epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_lambda(step, warmup, total)
+        )
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+
+        self.amp = bool(t.amp and self.cuda)
+        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+
+        if self.ddp.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(model, device_ids=[self.device.index] if self.cuda else None)
+        else:
+            self.net = model
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        return nullcontext()
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cuda and self.cfg.train.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    # ---- resume ----------------------------------------------------------------------------------
+
+    def _find_resume(self) -> None:
+        t = self.cfg.train
+        self.resume_ckpt = None
+        self.resume_changes: list[str] = []
+        last = find_checkpoint(self.run / "checkpoints" / "last")
+        if not t.resume:
+            if last is not None:
+                raise ConfigError(
+                    f"run folder {self.run} already holds a checkpoint; set train.resume = true (--resume) to "
+                    "continue it, or choose another train.run_name / train.output for a new run"
+                )
+            return
+        if last is None:
+            _log(self.ddp, f"resume: no checkpoint in {self.run / 'checkpoints'} yet; starting from scratch")
+            return
+        ckpt = load_checkpoint(last)
+        saved = ckpt.meta.get("config") or {}
+        now = config_to_dict(self.cfg)
+        for section, key in _RESUME_MUST_MATCH:
+            before = (saved.get(section) or {}).get(key)
+            if before != now[section][key]:
+                raise ConfigError(
+                    f"resume: {section}.{key} was {before!r} in the checkpoint {ckpt.path} but is "
+                    f"{now[section][key]!r} now; resume with the run's own settings ({self.run / 'config.json'}) "
+                    "or start a new run"
+                )
+        if saved.get("model") != now["model"]:
+            raise ConfigError(
+                f"resume: the [model] settings differ from those of checkpoint {ckpt.path} "
+                f"({saved.get('model')} vs {now['model']}); resume with the run's own settings or start a new run"
+            )
+        self.resume_changes = []
+        for section, key in _RESUME_MAY_CHANGE:
+            before = (saved.get(section) or {}).get(key)
+            if before != now[section][key]:
+                self.resume_changes.append(key)
+                _log(self.ddp, f"resume: {section}.{key} changes from {before!r} to {now[section][key]!r}; the "
+                               "resumed run is no longer identical to an uninterrupted one")
+        self.resume_ckpt = ckpt
+
+    def _restore(self) -> None:
+        ckpt = self.resume_ckpt
+        load_weights(self.model, ckpt.state_dict, what=f"checkpoint {ckpt.path}")
+        opt_state = ckpt.load_optimizer_state()
+        sched_state = ckpt.load_scheduler_state()
+        if opt_state is None or sched_state is None:
+            raise ConfigError(f"checkpoint {ckpt.path} has no optimizer/scheduler state, so the run cannot be resumed")
+        opt_state = _to_device(opt_state, self.device)
+        self.optimizer.load_state_dict(opt_state)
+        self.scheduler.load_state_dict(sched_state)
+        extra = ckpt.load_extra_state() or {}
+        self.history = list(extra.get("history") or [])
+        self.best_epoch = extra.get("best_epoch")
+        self.best_val_acc = extra.get("best_val_acc")
+        if extra.get("grad_scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(extra["grad_scaler"])
+        self.start_epoch = int(ckpt.meta["epoch"]) + 1
+        if self.resume_changes:
+            self._apply_hyperparameters()
+        rng = ckpt.load_rng_state()
+        if rng:
+            restore_rng_state(rng)
+        _log(self.ddp, f"resuming {self.run} after epoch {ckpt.meta['epoch']}")
+
+    def _apply_hyperparameters(self) -> None:
+        """Put the config's optimizer settings into the param groups (loading the optimizer state
+        brought back the old ones) and rescale the LR schedule to the new base lr and length."""
+        t = self.cfg.train
+        warmup, total = t.warmup_epochs * self.steps_per_epoch, t.epochs * self.steps_per_epoch
+        factor = lr_lambda(self.scheduler.last_epoch, warmup, total)
+        decay = {"weights": t.weight_decay, "norm_and_bias": 0.0, "thresholds": t.threshold_weight_decay}
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=t.lr, lr=t.lr * factor, momentum=t.momentum, nesterov=t.nesterov,
+                         weight_decay=decay.get(group.get("name"), group["weight_decay"]))
+        self.scheduler.base_lrs = [t.lr] * len(self.optimizer.param_groups)
+
+    # ---- loops -----------------------------------------------------------------------------------
+
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        t = self.cfg.train
+        self.net.train()
+        self.train_loader.set_epoch(epoch)
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        lr = self.optimizer.param_groups[0]["lr"]
+        bar = tqdm(self.train_loader, total=len(self.train_loader), desc=f"epoch {epoch}/{t.epochs}",
+                   leave=False, dynamic_ncols=True, disable=not (t.progress and self.ddp.is_main))
+        for step, (x, y) in enumerate(bar, 1):
+            x = self._prepare_input(x)
+            with self._autocast():
+                out = self.net(x)
+            loss = self.criterion(out.float(), y)
+            finite = torch.isfinite(loss.detach()).to(torch.float32)
+            self.ddp.all_reduce(finite, dist.ReduceOp.MIN if self.ddp.enabled else None)
+            if not bool(finite.item()):
+                raise TrainingError(
+                    f"the loss became {loss.item()} at epoch {epoch}, step {step} of {len(self.train_loader)} "
+                    f"(learning rate {self.optimizer.param_groups[0]['lr']:.4g}); lower train.lr or add "
+                    f"train.warmup_epochs and resume (train.resume = true, --resume). {self._last_good()}"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            with torch.no_grad():
+                n = y.shape[0]
+                stats += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double(),
+                                      torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+            if bar.disable is False and (step % 20 == 0 or step == len(self.train_loader)):
+                bar.set_postfix(loss=f"{float(stats[0] / stats[2]):.4f}", acc=f"{float(stats[1] / stats[2]):.3f}")
+        bar.close()
+        self.ddp.all_reduce(stats)
+        if self.ddp.enabled:
+            # DDP broadcasts rank 0's buffers at the start of each forward, then every rank updates its
+            # BatchNorm running statistics with its own half batch; make rank 0's the ones every rank
+            # evaluates with (they are the ones saved in the checkpoint).
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
+        for name, p in self.model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise TrainingError(
+                    f"parameter {name} became non-finite during epoch {epoch}; lower train.lr and resume. "
+                    + self._last_good()
+                )
+        return {"train_loss": float(stats[0] / stats[2]), "train_acc": float(stats[1] / stats[2]), "lr": lr}
+
+    def _last_good(self) -> str:
+        last = self.run / "checkpoints" / "last"
+        if self.history:
+            return f"The last good checkpoint is {last} (epoch {self.history[-1]['epoch']}), left intact."
+        return "No checkpoint was written yet."
+
+    @torch.no_grad()
+    def _evaluate(self, loader) -> tuple[float | None, float | None]:
+        """Loss and accuracy over an evaluation set split across ranks (None if it is empty)."""
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.model.eval()  # the bare module: no DDP collectives, ranks may have different batch counts
+        if loader is not None:
+            for x, y in loader:
+                with self._autocast():
+                    out = self.model(self._prepare_input(x))
+                loss = nn.functional.cross_entropy(out.float(), y, reduction="sum")
+                stats += torch.stack([loss.double(), (out.argmax(1) == y).sum().double(),
+                                      torch.tensor(float(y.shape[0]), dtype=torch.float64, device=self.device)])
+        self.ddp.all_reduce(stats)
+        if stats[2] == 0:
+            return None, None
+        return float(stats[0] / stats[2]), float(stats[1] / stats[2])
+
+    # ---- files -----------------------------------------------------------------------------------
+
+    def _meta(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        info = self.info
+        return {
+            "model": self.model_kwargs,
+            "dataset": {"name": info.name, "num_classes": info.num_classes, "channels": info.channels,
+                        "image_size": info.image_size, "mean": list(info.mean), "std": list(info.std)},
+            "epoch": epoch,
+            "seed": self.cfg.train.seed,
+            "world_size": self.ddp.world_size,
+            "run": str(self.run),
+            "config": config_to_dict(self.cfg),
+            "metrics": metrics,
+            "best": {"epoch": self.best_epoch, "val_acc": self.best_val_acc},
+        }
+
+    def _extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"history": self.history, "best_epoch": self.best_epoch,
+                                 "best_val_acc": self.best_val_acc}
+        if self.scaler.is_enabled():
+            extra["grad_scaler"] = self.scaler.state_dict()
+        return extra
+
+    def _save(self, epoch: int, metrics: dict[str, Any], is_best: bool) -> None:
+        self.ddp.barrier()
+        if self.ddp.is_main:
+            ckpts = self.run / "checkpoints"
+            meta = self._meta(epoch, metrics)
+            # best before last: if the process dies in between, the resumed run redoes this epoch and
+            # rewrites best identically; the other order could leave best behind last's record of it.
+            if is_best:
+                save_checkpoint(ckpts / "best", self.model, meta, self.optimizer, self.scheduler, self._extra())
+            save_checkpoint(ckpts / "last", self.model, meta, self.optimizer, self.scheduler, self._extra())
+            self._write_metrics()
+        self.ddp.barrier()
+
+    def _write_metrics(self, final: dict[str, Any] | None = None) -> None:
+        lines = [json.dumps(m) for m in self.history]
+        if final is not None:
+            lines.append(json.dumps(final))
+        _write_text_atomic(self.run / "metrics.jsonl", "".join(line + "\n" for line in lines))
+
+    # ---- main ------------------------------------------------------------------------------------
+
+    def run_training(self) -> Path:
+        cfg, t = self.cfg, self.cfg.train
+        _seed_everything(t.seed)
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch: int | None = None
+        self.best_val_acc: float | None = None
+        self.start_epoch = 1
+
+        self._find_resume()
+        self._setup_data()
+        self._setup_model()
+        if self.ddp.is_main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(self.run / "config.json", config_to_dict(cfg))
+        if self.resume_ckpt is not None:
+            self._restore()
+            if self.ddp.is_main:
+                self._write_metrics()  # drop lines of epochs after the checkpoint (a kill in between)
+
+        procs = f"{self.ddp.world_size} processes" if self.ddp.enabled else "1 process"
+        _log(self.ddp, (
+            f"training {self.model_kwargs['arch']} ({cfg.model.activation}, L={cfg.model.levels}) on "
+            f"{self.info.name}: {len(self.train_idx)} training / {len(self.val_idx)} validation images, "
+            f"{self.steps_per_epoch} steps of {t.batch_size} per epoch, {procs} on {self.device}"
+            f"{', AMP ' + str(self.amp_dtype).replace('torch.', '') if self.amp else ''}; run folder {self.run}"
+        ))
+
+        for epoch in range(self.start_epoch, t.epochs + 1):
+            started = time.perf_counter()
+            metrics: dict[str, Any] = {"epoch": epoch}
+            metrics.update(self._train_epoch(epoch))
+            val_loss, val_acc = self._evaluate(self.val_loader)
+            metrics.update(val_loss=val_loss, val_acc=val_acc, seconds=round(time.perf_counter() - started, 3))
+            is_best = val_acc is not None and (self.best_val_acc is None or val_acc > self.best_val_acc)
+            if is_best:
+                self.best_epoch, self.best_val_acc = epoch, val_acc
+            self.history.append(metrics)
+            self._save(epoch, metrics, is_best)
+            _log(self.ddp, (
+                f"epoch {epoch}/{t.epochs}  train loss {_fmt_loss(metrics['train_loss'])} acc "
+                f"{_fmt_acc(metrics['train_acc'])}  val loss {_fmt_loss(val_loss)} acc {_fmt_acc(val_acc)}"
+                f"{' (best)' if is_best else ''}  lr {metrics['lr']:.4g}  {metrics['seconds']:.1f}s"
+            ))
+
+        summary: dict[str, Any] = {
+            "run": str(self.run), "epochs": t.epochs, "best_epoch": self.best_epoch, "best_val_acc": self.best_val_acc,
+            "final": self.history[-1] if self.history else None,
+            "checkpoint_last": str(self.run / "checkpoints" / "last"),
+            "checkpoint_best": str(self.run / "checkpoints" / "best") if self.best_epoch else None,
+        }
+        final = None
+        if t.eval_test:
+            test_set = self._load(train=False)
+            limit = cfg.evaluate.max_samples or len(test_set)  # the first N, as in `eclsnn evaluate`
+            test_loss, test_acc = self._evaluate(self._eval_loader(test_set, torch.arange(min(limit, len(test_set)))))
+            final = {"epoch": t.epochs, "split": "test", "checkpoint": "last", "test_loss": test_loss,
+                     "test_acc": test_acc, "test_samples": min(limit, len(test_set))}
+            summary.update(test_loss=test_loss, test_acc=test_acc)
+            _log(self.ddp, f"test accuracy of the final model (checkpoints/last): {_fmt_acc(test_acc)} "
+                           f"(reported only; model selection uses the validation split)")
+        if self.ddp.is_main:
+            self._write_metrics(final)
+            _write_json_atomic(self.run / "summary.json", summary)
+        self.ddp.barrier()
+        return self.run
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
+
+
+def train(cfg: Config) -> Path:
+    """Train the network described by `cfg` and return the run folder (see the module docstring).
+
+    Works in one process and under ``torchrun`` (one process per device). Raises
+    :class:`TrainingError` on a non-finite loss (the last good checkpoint stays intact),
+    :class:`~eclsnn.errors.ConfigError` on settings that cannot work (e.g. a global batch not divisible
+    by the number of processes, or an existing run without ``resume``).
+    """
+    ddp = _init_distributed(cfg)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        trainer = _Trainer(cfg, ddp)
+        if trainer.cuda:
+            torch.backends.cudnn.benchmark = True
+        else:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        return trainer.run_training()
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        if ddp.owns_group and dist.is_initialized():
+            dist.destroy_process_group()

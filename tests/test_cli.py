@@ -1,0 +1,116 @@
+"""The command line, in-process: every sub-command, its files, its errors; and the end-to-end check on
+real Fashion-MNIST (a subset, one short epoch): the SNN at T = 4 reaches ≥ 80 % and is within 3
+points of its ANN."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eclsnn.cli import main
+
+QUIET = ["--set", "train.progress=false"]
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fmnist-cnn.toml")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One short real training run shared by the tests below (cnn-fmnist, ThresholdClip L = 4)."""
+    out = tmp_path_factory.mktemp("runs")
+    code = main([
+        "train", "--config", CONFIG, "--epochs", "1", "--max-train-samples", "16000",
+        "--output", str(out), "--run-name", "e2e", "--set", "data.val_fraction=0.05", "--set", "train.eval_test=false",
+        *QUIET,
+    ])
+    assert code == 0
+    return out / "e2e"
+
+
+def test_train_writes_a_run_folder(run):
+    assert (run / "config.json").is_file()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1
+    assert (run / "checkpoints" / "last" / "model.safetensors").is_file()
+
+
+def test_end_to_end_snn_at_T4_is_close_to_its_ann(run, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code = main(["evaluate", str(run), "-T", "4", "--max-samples", "2000", "--json", str(out), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| ANN |" in printed and "T=4" in printed
+    results = json.loads(out.read_text())
+    ann = results["ann_accuracy"]
+    snn4 = results["snn_accuracy"]["dual"]["4"]
+    assert results["num_samples"] == 2000
+    assert snn4 >= 0.80, results
+    assert abs(snn4 - ann) <= 0.03, results
+
+
+def test_convert_saves_a_rebuildable_snn(run, tmp_path, capsys):
+    folder = tmp_path / "snn"
+    assert main(["convert", str(run), "--neuron", "if", "--v-init", "0.5", "--output", str(folder)]) == 0
+    spec = json.loads((folder / "snn.json").read_text())
+    assert spec["convert"]["neuron"] == "if" and len(spec["neurons"]) == 4
+    assert "θ =" in capsys.readouterr().out
+    out = tmp_path / "e.json"
+    assert main(["evaluate", str(folder), "-T", "2", "--max-samples", "256", "--json", str(out), "--no-progress"]) == 0
+    results = json.loads(out.read_text())
+    assert list(results["snn_accuracy"]) == ["if (saved)"]
+    assert set(results["snn_accuracy"]["if (saved)"]) == {"1", "2"}
+
+
+def test_evaluate_on_the_validation_split_and_weights_file(run, tmp_path):
+    out = tmp_path / "v.json"
+    weights = run / "checkpoints" / "best" / "model.safetensors"
+    assert main(["evaluate", str(weights), "--split", "val", "-T", "1", "--max-samples", "128", "--json", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["split"] == "val"
+
+
+def test_demo_writes_results_and_plot(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--output", str(out), "--epochs", "1", "--max-train-samples", "1024", "--max-samples", "256",
+                 "-T", "4", "--no-progress"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["ann_accuracy"] <= 1.0
+    assert set(results["snn_accuracy"]) == {"if-v0", "if-half", "dual"}
+    for accs in results["snn_accuracy"].values():
+        assert set(accs) == {"1", "2", "3", "4"}
+    assert (out / "accuracy_vs_T.png").stat().st_size > 1000
+    assert "| dual |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "/nonexistent/run"], "/nonexistent/run"),
+        (["train", "--config", "/nonexistent.toml"], "nonexistent.toml"),
+        (["train", "--set", "train.epochz=2"], "epochs"),
+        (["train", "--set", "train.epochs=two"], "train.epochs"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eclsnn: error:") and message in err
+    assert "Traceback" not in err
+
+
+def test_bad_time_steps_exit_2(run, capsys):
+    assert main(["evaluate", str(run), "-T", "0", "--max-samples", "64", "--no-progress"]) == 2
+    assert "time_steps" in capsys.readouterr().err
+
+
+def test_unknown_command_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+
+
+def test_module_entry_point_runs():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "eclsnn", "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("eclsnn ")
