@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train on Fashion-MNIST, convert, compare IF / IF θ/2 / dual at T = 1..8")
     p.add_argument("--output", "-o", default="demo-output", help="output folder (default: demo-output)")
-    p.add_argument("--epochs", type=int, help="training epochs (default: configs/fmnist-cnn.toml's)")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs (default: 2, to stay under 5 minutes on 2 cores)")
     p.add_argument("--max-train-samples", type=int, help="train on a seeded subset (quicker)")
     p.add_argument("--max-samples", type=int, help="evaluate on a seeded subset of the test set")
     p.add_argument("--time-steps", "-T", type=int, default=8)

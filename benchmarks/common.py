@@ -1,0 +1,38 @@
+"""Trained Fashion-MNIST networks shared by the benchmarks: trained once per (activation, L, seed,
+epochs) under benchmarks/runs/, with a file lock so two benchmarks never train the same run at once."""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+
+from eclsnn.config import load_config
+from eclsnn.train import train
+
+ROOT = Path(__file__).resolve().parent
+RUNS = ROOT / "runs"
+CONFIG = ROOT.parent / "configs" / "fmnist-cnn.toml"
+
+
+def run_name(activation: str, levels: int | None, seed: int, epochs: int) -> str:
+    kind = "relu" if activation == "relu" else f"clip-L{levels}"
+    return f"fmnist-{kind}-e{epochs}-s{seed}"
+
+
+def ensure_run(activation: str = "clip", levels: int | None = 4, seed: int = 0, epochs: int = 4, **overrides) -> Path:
+    """The run folder of cnn-fmnist trained with the demo config (same budget and seed for every
+    activation); trains it (or finishes it) if needed."""
+    RUNS.mkdir(parents=True, exist_ok=True)
+    name = run_name(activation, levels, seed, epochs)
+    with open(RUNS / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        run = RUNS / name
+        summary = run / "summary.json"
+        if summary.is_file() and (run / "checkpoints" / "last").is_dir():
+            return run
+        cfg = load_config(CONFIG, {
+            "model.activation": activation, "model.levels": levels if activation != "relu" else 4,
+            "train.seed": seed, "train.epochs": epochs, "train.output": str(RUNS), "train.run_name": name,
+            "train.resume": True, "train.progress": False, **overrides,
+        })
+        return train(cfg)
