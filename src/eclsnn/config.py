@@ -107,7 +107,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": CUDA if available, else CPU
     amp: bool = True  # mixed precision (bf16 where supported, else fp16 + GradScaler); CUDA only
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC layout for image models: faster convolutions on CUDA and on CPU (oneDNN)
     init_from: str | None = None  # checkpoint of a trained ReLU network to start from (via eclsnn.prepare)
     init_percentile: float = 99.9  # activation percentile that sets λ when starting from init_from
     init_calibration_batches: int = 8

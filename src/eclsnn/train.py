@@ -381,7 +381,7 @@ class _Trainer:
         if t.init_from and not self.resume_ckpt:
             self._init_from(model)
         model.to(self.device)
-        if self.cuda and t.channels_last:
+        if t.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
 
@@ -413,7 +413,7 @@ class _Trainer:
         return nullcontext()
 
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cuda and self.cfg.train.channels_last and x.dim() == 4:
+        if self.cfg.train.channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
