@@ -100,7 +100,13 @@ class ActivationStatistics:
             for x in iter_calibration_batches(calibration):
                 if not torch.isfinite(x).all():
                     raise ConversionError("calibration data contains NaN or infinite values")
-                model(x.to(device=device, dtype=dtype) if device is not None else x.to(dtype))
+                try:
+                    model(x.to(device=device, dtype=dtype) if device is not None else x.to(dtype))
+                except RuntimeError as exc:
+                    raise ConversionError(
+                        f"the model could not run on calibration data of shape {tuple(x.shape)}: "
+                        f"{str(exc).splitlines()[0]}; pass inputs of the size and channel count it was trained on"
+                    ) from None
                 seen += x.shape[0]
         finally:
             self.close()

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from .errors import ConfigError
 from .functional import LAMBDA_MIN, threshold_clip
 
 __all__ = ["ThresholdClip", "channel_view"]
@@ -50,9 +51,9 @@ class ThresholdClip(LazyModuleMixin, nn.Module):
     ):
         super().__init__()
         if levels is not None and (int(levels) != levels or levels < 0):
-            raise ValueError(f"levels must be a non-negative integer or None, got {levels!r}")
+            raise ConfigError(f"levels must be a non-negative integer or None, got {levels!r}")
         if not init_threshold > 0:
-            raise ValueError(f"init_threshold must be positive, got {init_threshold!r}")
+            raise ConfigError(f"init_threshold must be positive, got {init_threshold!r}")
         self.levels = int(levels) if levels else None
         self.init_threshold = float(init_threshold)
         self.per_channel = bool(per_channel)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import ConfigError
+
 __all__ = [
     "LAMBDA_MIN",
     "threshold_clip",
@@ -99,7 +101,7 @@ def threshold_clip(z: torch.Tensor, lam: torch.Tensor | float, levels: int | Non
     if not torch.is_tensor(lam):
         lam = torch.tensor(float(lam), device=z.device)
     if levels is not None and (int(levels) != levels or levels < 0):
-        raise ValueError(f"levels must be a non-negative integer or None, got {levels!r}")
+        raise ConfigError(f"levels must be a non-negative integer or None, got {levels!r}")
     return _ThresholdClipFn.apply(z, lam, int(levels) if levels else None, float(shift))
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import functional as SF
 from .clip import channel_view
+from .errors import ConversionError
 
 __all__ = ["IFNeuron", "DualThresholdIFNeuron", "SpikingNeuron"]
 
@@ -32,9 +33,9 @@ class SpikingNeuron(nn.Module):
         if theta.dim() > 1:
             theta = theta.flatten()
         if not torch.isfinite(theta).all() or (theta <= 0).any():
-            raise ValueError(f"theta must be finite and positive, got {theta}")
+            raise ConversionError(f"theta must be finite and positive, got {theta}")
         if step_mode not in _STEP_MODES:
-            raise ValueError(f"step_mode must be one of {_STEP_MODES}, got {step_mode!r}")
+            raise ConversionError(f"step_mode must be one of {_STEP_MODES}, got {step_mode!r}")
         self.register_buffer("theta", theta)
         self.v_init = float(v_init)
         self.step_mode = step_mode
@@ -116,7 +117,7 @@ class DualThresholdIFNeuron(SpikingNeuron):
     def __init__(self, theta, v_init: float = 0.5, theta_neg: float = 0.0, step_mode: str = "multi"):
         super().__init__(theta, v_init, step_mode)
         if not theta_neg < 1.0:
-            raise ValueError(f"theta_neg (in units of theta) must be below 1 (the positive threshold), got {theta_neg}")
+            raise ConversionError(f"theta_neg (in units of theta) must be below 1 (the positive threshold), got {theta_neg}")
         self.theta_neg = float(theta_neg)
         self.count: torch.Tensor | None = None
 
