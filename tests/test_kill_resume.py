@@ -1,0 +1,76 @@
+"""Kill and resume: `eclsnn train` is SIGKILLed at seeded random moments, resumed with --resume each
+time, and must end bit-identical (weights and deterministic metrics) to an uninterrupted run; at every
+kill, whatever checkpoint is on disk loads."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from eclsnn.checkpoint import find_checkpoint, load_checkpoint
+
+ARGS = ["--epochs", "3", "--max-train-samples", "768", "--batch-size", "128", "--set", "data.val_fraction=0.02",
+        "--set", "train.eval_test=false", "--set", "train.progress=false", "--set", "data.augment=true", "--seed", "3"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+DETERMINISTIC = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+
+def _train_cmd(output: Path, resume: bool) -> list[str]:
+    return [sys.executable, "-m", "eclsnn", "train", *ARGS, "--output", str(output), "--run-name", "r",
+            *(["--resume"] if resume else [])]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k in DETERMINISTIC}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "last").state_dict
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    proc = subprocess.run(_train_cmd(out, False), env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    return out / "r"
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, tmp_path):
+    out = tmp_path / "killed"
+    run = out / "r"
+    rng = random.Random(20261129)
+    kills = 0
+    checked: list[int] = []
+    for attempt in range(12):
+        proc = subprocess.Popen(_train_cmd(out, resume=attempt > 0), env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        if kills < 3:
+            # first wait until the child has started training (torch imported), then a random delay
+            time.sleep(3.0 + rng.uniform(0.0, 6.0))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=60)
+                kills += 1
+                for name in ("last", "best"):  # whatever is on disk is complete and readable
+                    ckpt = find_checkpoint(run / "checkpoints" / name)
+                    if ckpt is not None:
+                        checked.append(load_checkpoint(ckpt).meta["epoch"])
+                continue
+        output, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, output
+        break
+    assert kills >= 1, "the child finished before any kill; the test proved nothing"
+    assert checked, "no checkpoint was on disk at any kill; the kills came too early to prove anything"
+    assert _metrics(run) == _metrics(reference)
+    ref_w, got_w = _weights(reference), _weights(run)
+    assert ref_w.keys() == got_w.keys()
+    assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
