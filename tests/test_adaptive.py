@@ -1,0 +1,56 @@
+"""Adaptive-latency inference: stopped samples keep the fixed-run prediction of their stopping step,
+finished samples leave the batch, and the bound is calibrated on held-out data."""
+
+import pytest
+import torch
+from torch import nn
+
+from eclsnn import SimulationError, ThresholdClip, convert, simulate
+from eclsnn.adaptive import calibrate_margin, evaluate_adaptive, simulate_adaptive
+
+
+@pytest.fixture(scope="module")
+def snn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), ThresholdClip(4, 1.0), nn.AvgPool2d(2),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 16), ThresholdClip(4, 1.0), nn.Linear(16, 5)).eval()
+    return convert(model)
+
+
+def test_infinite_margin_is_the_fixed_run(snn):
+    x = torch.randn(24, 1, 8, 8)
+    logits, steps = simulate_adaptive(snn, x, 6, float("inf"))
+    assert torch.equal(steps, torch.full((24,), 6))
+    torch.testing.assert_close(logits, simulate(snn, x, 6)[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_stopped_samples_keep_the_prediction_of_their_step(snn):
+    x = torch.randn(64, 1, 8, 8)
+    fixed = simulate(snn, x, 8)
+    logits, steps = simulate_adaptive(snn, x, 8, margin=0.5)
+    assert (steps >= 1).all() and (steps <= 8).all() and (steps < 8).any()
+    expected = fixed[steps - 1, torch.arange(64)]
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    top2 = expected.topk(2, -1).values
+    early = steps < 8
+    assert ((top2[early, 0] - top2[early, 1]) > 0.5).all()
+
+
+def test_calibrated_margin_meets_the_accuracy_target_on_the_calibration_data(snn):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 1, 8, 8, generator=g)
+    y = simulate(snn, x, 16)[-1].argmax(-1)  # labels the fixed-T network gets right
+    y[:16] = (y[:16] + 1) % 5
+    loader = list(zip(x.split(32), y.split(32)))
+    margin, table = calibrate_margin(snn, loader, 8, max_accuracy_loss=0.02)
+    fixed = table[0]["fixed_accuracy"]
+    result = evaluate_adaptive(snn, loader, 8, margin)
+    assert result.accuracy >= fixed - 0.02 - 1e-9
+    assert result.mean_steps <= 8 and sum(result.steps_histogram.values()) == 128
+
+
+def test_bad_arguments(snn):
+    with pytest.raises(SimulationError):
+        simulate_adaptive(snn, torch.randn(2, 1, 8, 8), 0, 1.0)
+    with pytest.raises(SimulationError):
+        simulate_adaptive(snn, torch.randn(2, 1, 8, 8), 4, float("nan"))
