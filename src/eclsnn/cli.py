@@ -1,4 +1,4 @@
-"""The ``eclsnn`` command line: ``train``, ``convert``, ``evaluate``, ``demo``.
+"""The ``eclsnn`` command line: ``train``, ``convert``, ``evaluate``, ``demo``, ``analyze``, ``ablate``.
 
 Settings come from a TOML config (``--config``), then ``--set section.key=value`` overrides, then the
 named flags. Errors a user can cause print one line (``eclsnn: error: ...``) and exit with status 2.
@@ -122,6 +122,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("analyze", help="per-layer conversion errors, firing rates, SOPs and energy of a checkpoint")
+    p.add_argument("checkpoint", help="run folder, checkpoint folder or model.safetensors")
+    p.add_argument("--time-steps", "-T", type=int, default=8, help="simulate T steps (default 8)")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--max-samples", type=int, help="analyse a seeded subset of the split")
+    p.add_argument("--output", "-o", help="output folder (default: RUN/analysis)")
+    g = p.add_argument_group("conversion (default: the variants if-v0, if-v0.5 and dual-v0.5)")
+    g.add_argument("--neuron", choices=["dual", "if"], help="analyse only this neuron (default dual)")
+    g.add_argument("--v-init", type=float, help="initial membrane potential in units of θ (default 0.5)")
+    g.add_argument("--theta-neg", type=float, help="negative threshold of the dual neuron, in units of θ (default 0)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("ablate", help="the paper's ablation on Fashion-MNIST: threshold x neuron x v(0) x T, and θ_neg")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=4, help="training epochs of every network (default 4)")
+    p.add_argument("--output", "-o", default="ablation-output", help="output folder (default: ablation-output)")
+    p.add_argument("--runs-dir", help="folder of the trained networks (default: OUTPUT/runs; benchmarks/runs to share them)")
+    p.add_argument("--max-samples", type=int, help="evaluate on a seeded subset of the test and validation splits")
+    p.add_argument("--max-train-samples", type=int, help="train on a seeded subset (quicker; the run name says so)")
+    p.add_argument("--time-steps", "-T", type=int, nargs="+", default=[1, 2, 4, 8], help="reported T (default 1 2 4 8)")
+    p.add_argument("--levels", type=int, default=4, help="quantisation levels L of the clip network (default 4)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--calibration-batches", type=int, default=8, help="validation batches for the ReLU thresholds")
+    p.add_argument("--data-dir")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="training config override")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_ablate)
     return parser
 
 
@@ -238,6 +270,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze_checkpoint, format_analysis, variant_name
+    from .experiment import DEMO_VARIANTS
+
+    if args.neuron is None and args.v_init is None and args.theta_neg is None:
+        variants = {variant_name(**kw): kw for kw in DEMO_VARIANTS.values()}
+    else:
+        kw = {"neuron": args.neuron or "dual", "v_init": 0.5 if args.v_init is None else args.v_init,
+              "theta_neg": 0.0 if args.theta_neg is None else args.theta_neg}
+        variants = {variant_name(**kw): kw}
+    results, out = analyze_checkpoint(
+        args.checkpoint, variants, time_steps=args.time_steps, split=args.split, max_samples=args.max_samples,
+        output=args.output, batch_size=args.batch_size, data_dir=args.data_dir, device=args.device,
+        progress=not args.no_progress,
+    )
+    print(f"{args.split} split, {results['num_samples']} images, T = {results['time_steps']}\n")
+    print(format_analysis(results))
+    print(f"\nwritten: {out / 'analysis.json'}, {out / 'analysis.md'}, {out / 'analysis.png'}")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablation import format_ablation, run_ablation
+    from .config import parse_overrides
+
+    results = run_ablation(
+        seeds=args.seeds, epochs=args.epochs, output=args.output, runs_dir=args.runs_dir, max_samples=args.max_samples,
+        max_train_samples=args.max_train_samples, time_steps=args.time_steps, levels=args.levels,
+        batch_size=args.batch_size, calibration_batches=args.calibration_batches, data_dir=args.data_dir,
+        train_overrides=parse_overrides(args.set), progress=not args.no_progress,
+    )
+    print()
+    print(format_ablation(results))
+    print(f"\nwritten: {Path(args.output) / 'ablation.json'}, {Path(args.output) / 'ablation.md'}")
     return 0
 
 
