@@ -115,3 +115,24 @@ def test_module_entry_point_runs():
 
     proc = subprocess.run([sys.executable, "-m", "eclsnn", "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("eclsnn ")
+
+
+def test_export_npz_and_json(run, tmp_path, capsys):
+    import numpy as np
+
+    assert main(["export", str(run), "--format", "npz", "--output", str(tmp_path / "snn.npz")]) == 0
+    npz = np.load(tmp_path / "snn.npz")
+    graph = json.loads(str(npz["graph"]))
+    assert sum(layer["op"] == "neuron" for layer in graph["layers"]) == 4
+    assert main(["export", str(run), "--format", "json", "--neuron", "if", "--output", str(tmp_path / "snn.json")]) == 0
+    assert json.loads((tmp_path / "snn.json").read_text())["settings"]["neuron"] == "if"
+
+
+def test_evaluate_adaptive_reports_steps_and_time(run, tmp_path, capsys):
+    out = tmp_path / "a.json"
+    assert main(["evaluate", str(run), "-T", "4", "--max-samples", "256", "--adaptive", "--json", str(out), "--no-progress"]) == 0
+    results = json.loads(out.read_text())["adaptive"]
+    assert results["fixed"]["mean_steps"] == 4.0
+    assert 1.0 <= results["adaptive"]["mean_steps"] <= 4.0
+    assert results["adaptive"]["num_samples"] == 256
+    assert "adaptive latency" in capsys.readouterr().out

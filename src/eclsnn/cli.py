@@ -109,7 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", dest="json_out", help="write the results here (default: beside the checkpoint)")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("adaptive latency")
+    g.add_argument("--adaptive", action="store_true",
+                   help="also run adaptive-latency inference (early stop on the logit margin, calibrated on the validation split)")
+    g.add_argument("--max-accuracy-loss", type=float, default=0.005,
+                   help="accuracy loss against fixed T allowed when calibrating the margin (default 0.005)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a converted SNN's parameters for hardware (npz or json)")
+    p.add_argument("checkpoint", help="run folder, checkpoint folder, model.safetensors, or a converted SNN folder")
+    _add_config_args(p)
+    _add_convert_args(p)
+    p.add_argument("--format", choices=["npz", "json"], default="npz", help="container (see docs/EXPORT.md)")
+    p.add_argument("--data-dir", help="data for calibrating ReLU networks")
+    p.add_argument("--output", "-o", help="output file (default: RUN/snn.FORMAT)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="train on Fashion-MNIST, convert, compare IF / IF θ/2 / dual at T = 1..8")
     p.add_argument("--output", "-o", default="demo-output", help="output folder (default: demo-output)")
@@ -261,8 +275,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     results.update(split=e.split, checkpoint=str(ckpt.path), convert=asdict(cfg.convert), seconds=time.perf_counter() - start)
     print(f"{e.split} split, {results['num_samples']} images, T = 1..{e.time_steps}")
     print(format_table(results))
+    if args.adaptive:
+        results["adaptive"] = _adaptive(snn, cfg, seed, loader, e.time_steps, args.max_accuracy_loss, device)
     out = write_json(args.json_out or default_json, results)
     print(f"results: {out}")
+    return 0
+
+
+def _adaptive(snn, cfg, seed, loader, T, max_loss, device) -> dict:
+    """Calibrate the stopping margin on the validation split, then report adaptive next to fixed T."""
+    from .adaptive import calibrate_margin, evaluate_adaptive
+    from .experiment import eval_loader, load_split
+
+    val = eval_loader(*load_split(cfg.data, "val", seed, cfg.evaluate.max_samples), cfg.evaluate.batch_size, device)
+    margin, _ = calibrate_margin(snn, val, T, max_accuracy_loss=max_loss)
+    fixed = evaluate_adaptive(snn, loader, T, float("inf"))
+    adaptive = evaluate_adaptive(snn, loader, T, margin)
+    print(f"\nadaptive latency (margin {margin:.3g}, calibrated on the validation split for <= {100 * max_loss:.1f} points loss):")
+    print("| inference | accuracy % | mean steps | seconds |\n|---|---|---|---|")
+    for name, r in ((f"fixed T={T}", fixed), ("adaptive", adaptive)):
+        print(f"| {name} | {100 * r.accuracy:.2f} | {r.mean_steps:.2f} | {r.seconds:.1f} |")
+    print("steps used: " + ", ".join(f"{t}: {n}" for t, n in sorted(adaptive.steps_histogram.items())))
+    return {"fixed": fixed.as_dict(), "adaptive": adaptive.as_dict(), "max_accuracy_loss": max_loss}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .experiment import is_snn_folder, load_ann, load_snn
+    from .export import export_json, export_npz
+
+    if is_snn_folder(args.checkpoint):
+        snn, _, ckpt, _ = load_snn(args.checkpoint)
+    else:
+        model, ckpt = load_ann(args.checkpoint)
+        cfg = _config(args, {**_CONVERT_FLAGS, "data_dir": "data.data_dir"}, _checkpoint_config(ckpt))
+        snn, _ = _convert_one(model, ckpt, cfg)
+    out = Path(args.output) if args.output else ckpt.path.parent.parent / f"snn.{args.format}"
+    (export_npz if args.format == "npz" else export_json)(snn, out)
+    print(f"exported {len(snn.neurons())} neuron layers -> {out} (format: docs/EXPORT.md)")
     return 0
 
 
