@@ -16,7 +16,7 @@ import torch
 
 from eclsnn.checkpoint import find_checkpoint, load_checkpoint
 
-ARGS = ["--epochs", "3", "--max-train-samples", "768", "--batch-size", "128", "--set", "data.val_fraction=0.02",
+ARGS = ["--epochs", "4", "--max-train-samples", "1536", "--batch-size", "128", "--set", "data.val_fraction=0.02",
         "--set", "train.eval_test=false", "--set", "train.progress=false", "--set", "data.augment=true", "--seed", "3"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
 DETERMINISTIC = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -44,32 +44,45 @@ def reference(tmp_path_factory):
     return out / "r"
 
 
+def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 600) -> bool:
+    """Read the child's output until a line contains ``text``; False if it exited first."""
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        if text in line:
+            return True
+        if time.monotonic() > deadline:
+            break
+    return False
+
+
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, tmp_path):
+    """Three kills, each at a seeded random delay after a point of progress: while starting up, then
+    after the first epoch summary line each resumed process prints — so they land in training steps,
+    validation and checkpoint writes, whatever the machine's speed."""
     out = tmp_path / "killed"
     run = out / "r"
     rng = random.Random(20261129)
-    kills = 0
     checked: list[int] = []
-    for attempt in range(12):
+    kills = 0
+    for attempt, marker in enumerate([None, "epoch ", "epoch ", None]):
         proc = subprocess.Popen(_train_cmd(out, resume=attempt > 0), env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
-        if kills < 3:
-            # first wait until the child has started training (torch imported), then a random delay
-            time.sleep(3.0 + rng.uniform(0.0, 6.0))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(timeout=60)
-                kills += 1
-                for name in ("last", "best"):  # whatever is on disk is complete and readable
-                    ckpt = find_checkpoint(run / "checkpoints" / name)
-                    if ckpt is not None:
-                        checked.append(load_checkpoint(ckpt).meta["epoch"])
-                continue
-        output, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, output
-        break
-    assert kills >= 1, "the child finished before any kill; the test proved nothing"
-    assert checked, "no checkpoint was on disk at any kill; the kills came too early to prove anything"
+        if attempt == 3:  # the last resume runs to the end
+            output, _ = proc.communicate(timeout=900)
+            assert proc.returncode == 0, output
+            break
+        if marker is None or _wait_for(proc, marker):
+            time.sleep(rng.uniform(0.0, 1.5) if marker else rng.uniform(1.0, 4.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.communicate(timeout=600)
+        for name in ("last", "best"):  # whatever is on disk is complete and readable
+            ckpt = find_checkpoint(run / "checkpoints" / name)
+            if ckpt is not None:
+                checked.append(load_checkpoint(ckpt).meta["epoch"])
+    assert kills >= 2, "the child finished before the kills; the test proved little"
+    assert checked, "no checkpoint was on disk at any kill"
     assert _metrics(run) == _metrics(reference)
     ref_w, got_w = _weights(reference), _weights(run)
     assert ref_w.keys() == got_w.keys()
