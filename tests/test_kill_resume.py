@@ -16,7 +16,7 @@ import torch
 
 from eclsnn.checkpoint import find_checkpoint, load_checkpoint
 
-ARGS = ["--epochs", "4", "--max-train-samples", "1536", "--batch-size", "128", "--set", "data.val_fraction=0.02",
+ARGS = ["--epochs", "6", "--max-train-samples", "1536", "--batch-size", "128", "--set", "data.val_fraction=0.02",
         "--set", "train.eval_test=false", "--set", "train.progress=false", "--set", "data.augment=true", "--seed", "3"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
 DETERMINISTIC = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -56,23 +56,27 @@ def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 600) -> bool:
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, tmp_path):
-    """Three kills, each at a seeded random delay after a point of progress: while starting up, then
-    after the first epoch summary line each resumed process prints — so they land in training steps,
-    validation and checkpoint writes, whatever the machine's speed."""
+    """Four kills at seeded random moments: one while starting up, then in each resumed process a random
+    delay after its first epoch summary line, scaled by how long that took — so kills land in training
+    steps, validation and checkpoint writes whatever the machine's speed."""
     out = tmp_path / "killed"
     run = out / "r"
     rng = random.Random(20261129)
     checked: list[int] = []
     kills = 0
-    for attempt, marker in enumerate([None, "epoch ", "epoch ", None]):
+    for attempt in range(5):
+        started = time.monotonic()
         proc = subprocess.Popen(_train_cmd(out, resume=attempt > 0), env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
-        if attempt == 3:  # the last resume runs to the end
+        if attempt == 4:  # the last resume runs to the end
             output, _ = proc.communicate(timeout=900)
             assert proc.returncode == 0, output
             break
-        if marker is None or _wait_for(proc, marker):
-            time.sleep(rng.uniform(0.0, 1.5) if marker else rng.uniform(1.0, 4.0))
+        if attempt == 0:
+            time.sleep(rng.uniform(1.0, 3.0))  # while starting up or in the first epoch
+        elif _wait_for(proc, "epoch "):
+            # a random point of the next epoch: the delay scales with this machine's speed
+            time.sleep(rng.uniform(0.0, 0.5) * (time.monotonic() - started))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
