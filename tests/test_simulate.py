@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from eclsnn import SimulationError, ThresholdClip, convert, evaluate, evaluate_ann, simulate
+from eclsnn import SimulationError, SpikingNetwork, ThresholdClip, convert, evaluate, evaluate_ann, simulate
 
 LEVELS = 4
 
@@ -114,3 +114,24 @@ def test_simulating_an_ann_is_refused(trained):
 def test_empty_loader(trained):
     with pytest.raises(SimulationError, match="no samples"):
         evaluate(convert(trained[0]), [], 2)
+
+
+def test_view_after_a_conv_works_in_the_channels_last_simulator():
+    """x.view(x.size(0), -1) after a conv: the simulator's channels-last maps cannot be viewed, so it
+    reshapes (same values as the contiguous layout)."""
+
+    class ViewNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act, self.fc = nn.Conv2d(1, 4, 3, padding=1), ThresholdClip(4, 1.0), nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x):
+            x = self.act(self.conv(x))
+            return self.fc(x.view(x.size(0), -1))
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 1, 6, 6)
+    snn = convert(ViewNet().eval())
+    assert snn.channels_last
+    contiguous = SpikingNetwork(snn.graph_module, channels_last=False)
+    assert torch.equal(simulate(snn, x, 4), simulate(contiguous, x, 4))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .errors import ConfigError
 
 __all__ = [
@@ -90,6 +91,48 @@ class _ThresholdClipFn(torch.autograd.Function):
         return grad_z, grad_lam, None, None
 
 
+class _ThresholdClipKernelFn(torch.autograd.Function):
+    """:class:`_ThresholdClipFn` on the fused CPU kernels (:mod:`eclsnn.kernels`): the same values and
+    gradients, one pass over memory forward and one backward (ReLU's cost), recomputing the
+    λ-gradient factor from z in the backward pass instead of storing it."""
+
+    @staticmethod
+    def forward(ctx, z, lam, levels, shift):  # type: ignore[override]
+        lam_e = lam.detach().to(z.dtype).clamp(min=LAMBDA_MIN)
+        ctx.save_for_backward(z, lam_e)
+        ctx.levels, ctx.shift = levels, shift
+        ctx.lam_shape, ctx.lam_dtype = lam.shape, lam.dtype
+        return kernels.clip_forward(z, lam_e, levels, shift)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        z, lam_e = ctx.saved_tensors
+        grad = _like_layout(grad, z)
+        grad_z, grad_lam = kernels.clip_backward(grad, z, lam_e, ctx.levels, ctx.shift,
+                                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        if grad_lam is not None:
+            grad_lam = grad_lam.reshape(ctx.lam_shape).to(ctx.lam_dtype)
+        return grad_z, grad_lam, None, None
+
+
+def _like_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    if t.stride() == ref.stride():
+        return t
+    if ref.dim() == 4 and not ref.is_contiguous() and ref.is_contiguous(memory_format=torch.channels_last):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
+
+
+def _kernel_clip_ok(z: torch.Tensor, lam: torch.Tensor) -> bool:
+    if not kernels.enabled() or z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64):
+        return False
+    if lam.numel() != 1 and (z.dim() < 2 or lam.numel() != z.shape[1]):
+        return False
+    if not (z.is_contiguous() or (z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last))):
+        return False
+    return z.numel() > 0 and kernels.supports(z)
+
+
 def threshold_clip(z: torch.Tensor, lam: torch.Tensor | float, levels: int | None = 4, shift: float = 0.5) -> torch.Tensor:
     """Learnable threshold clipping function (SPEC.md; QCFS form with ψ = 1/2).
 
@@ -102,7 +145,14 @@ def threshold_clip(z: torch.Tensor, lam: torch.Tensor | float, levels: int | Non
         lam = torch.tensor(float(lam), device=z.device)
     if levels is not None and (int(levels) != levels or levels < 0):
         raise ConfigError(f"levels must be a non-negative integer or None, got {levels!r}")
-    return _ThresholdClipFn.apply(z, lam, int(levels) if levels else None, float(shift))
+    levels, shift = (int(levels) if levels else None), float(shift)
+    if lam.device == z.device and (levels is None or shift >= 0):
+        zc = z.to(_compute_dtype(z.dtype))
+        if _kernel_clip_ok(zc, lam):
+            if torch.is_grad_enabled() and (zc.requires_grad or lam.requires_grad):
+                return _ThresholdClipKernelFn.apply(zc, lam, levels, shift)
+            return kernels.clip_forward(zc, lam.detach().to(zc.dtype).clamp(min=LAMBDA_MIN), levels, shift)
+    return _ThresholdClipFn.apply(z, lam, levels, shift)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import functional as SF
+from . import kernels
 from .clip import channel_view
 from .errors import ConversionError
 
@@ -52,6 +53,39 @@ class SpikingNeuron(nn.Module):
     def _initial_v(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         return (theta * self.v_init).expand_as(x).clone()
 
+    # -- fused CPU kernels (eclsnn.kernels): the same arithmetic in one pass ----------------------
+    def _kernel_state(self, y: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fresh state with the memory layout of one step ``y`` (the kernels need equal layouts)."""
+        v = torch.empty_like(y).copy_((theta * self.v_init).expand_as(y))
+        return v, (torch.zeros_like(y) if self._signed else None)
+
+    def _kernel_ok(self, x_seq: torch.Tensor, theta: torch.Tensor) -> bool:
+        if x_seq.requires_grad and torch.is_grad_enabled():
+            return False  # the kernels have no autograd; the reference path does
+        return kernels.enabled() and kernels.supports(x_seq, theta) and kernels.step_layout(x_seq) is not None
+
+    def _state_fits(self, x: torch.Tensor, *state: torch.Tensor | None) -> bool:
+        return all(s is not None and s.shape == x.shape and s.stride() == x.stride() and s.dtype == x.dtype
+                   for s in state)
+
+    _signed = False
+    _neg_units: float | None = None
+
+    def multi_step_pooled(self, x_seq: torch.Tensor, k: int) -> torch.Tensor | None:
+        """T steps of this neuron followed by ``avg_pool2d(kernel_size=k, stride=k)``, fused (the spike
+        maps are never materialised). Returns the pooled ``[T, B, C, H/k, W/k]``, or None if the fused
+        kernel cannot take this input (the caller then runs :meth:`multi_step` and the pooling)."""
+        theta = self._theta_for(x_seq[0])
+        if not self._kernel_ok(x_seq, theta) or not kernels.pool_fusable(x_seq[0], k):
+            return None
+        v, count = self._kernel_state(x_seq[0], theta)
+        out = kernels.neuron_pool_run(x_seq, theta, v, count, self._neg_units, k)
+        self._set_state(v, count)
+        return out
+
+    def _set_state(self, v: torch.Tensor, count: torch.Tensor | None) -> None:
+        self.v = v
+
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.step_mode == "single":
@@ -84,6 +118,10 @@ class IFNeuron(SpikingNeuron):
 
     def single_step(self, x: torch.Tensor) -> torch.Tensor:
         theta = self._theta_for(x)
+        if self._kernel_ok(x.unsqueeze(0), theta) and (self.v is None or self._state_fits(x, self.v)):
+            if self.v is None:
+                self.v, _ = self._kernel_state(x, theta)
+            return kernels.neuron_run(x.unsqueeze(0), theta, self.v, None, None)[0]
         if self.v is None:
             self.v = self._initial_v(x, theta)
         out, self.v = SF.if_step(x, self.v, theta)
@@ -91,7 +129,11 @@ class IFNeuron(SpikingNeuron):
 
     def multi_step(self, x_seq: torch.Tensor) -> torch.Tensor:
         theta = self._theta_for(x_seq[0])
-        out, v = SF.if_multistep(x_seq, theta, self._initial_v(x_seq[0], theta))
+        if self._kernel_ok(x_seq, theta):
+            v, _ = self._kernel_state(x_seq[0], theta)
+            out = kernels.neuron_run(x_seq, theta, v, None, None)
+        else:
+            out, v = SF.if_multistep(x_seq, theta, self._initial_v(x_seq[0], theta))
         self.v = v
         return out
 
@@ -121,12 +163,25 @@ class DualThresholdIFNeuron(SpikingNeuron):
         self.theta_neg = float(theta_neg)
         self.count: torch.Tensor | None = None
 
+    _signed = True
+
+    @property
+    def _neg_units(self) -> float:  # type: ignore[override]
+        return self.theta_neg
+
     def reset(self) -> None:
         super().reset()
         self.count = None
 
+    def _set_state(self, v: torch.Tensor, count: torch.Tensor | None) -> None:
+        self.v, self.count = v, count
+
     def single_step(self, x: torch.Tensor) -> torch.Tensor:
         theta = self._theta_for(x)
+        if self._kernel_ok(x.unsqueeze(0), theta) and (self.v is None or self._state_fits(x, self.v, self.count)):
+            if self.v is None:
+                self.v, self.count = self._kernel_state(x, theta)
+            return kernels.neuron_run(x.unsqueeze(0), theta, self.v, self.count, self.theta_neg)[0]
         if self.v is None:
             self.v = self._initial_v(x, theta)
             self.count = torch.zeros_like(x)
@@ -135,6 +190,11 @@ class DualThresholdIFNeuron(SpikingNeuron):
 
     def multi_step(self, x_seq: torch.Tensor) -> torch.Tensor:
         theta = self._theta_for(x_seq[0])
+        if self._kernel_ok(x_seq, theta):
+            v, count = self._kernel_state(x_seq[0], theta)
+            out = kernels.neuron_run(x_seq, theta, v, count, self.theta_neg)
+            self.v, self.count = v, count
+            return out
         out, self.v, self.count = SF.dual_threshold_multistep(
             x_seq, theta, theta * self.theta_neg, self._initial_v(x_seq[0], theta), torch.zeros_like(x_seq[0])
         )

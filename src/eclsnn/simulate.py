@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import SimulationError
@@ -23,6 +24,9 @@ __all__ = ["SpikingNetwork", "simulate", "evaluate", "evaluate_ann", "check_time
 # How a value in the simulator relates to time: the same for every step and batched ([B, ...]),
 # a sequence ([T·B, ...]), or a constant that is neither (a buffer, a Python number).
 _STATIC, _SEQ, _CONST = "static", "seq", "const"
+
+#: default of :attr:`SpikingNetwork.max_rows`
+DEFAULT_MAX_ROWS = 512
 
 
 def check_time_steps(time_steps) -> int:
@@ -55,7 +59,13 @@ class SpikingNetwork(nn.Module):
         super().__init__()
         self.graph_module = graph_module
         self.settings = dict(settings or {})
-        self._plan: tuple[list[fx.Node], dict[fx.Node, list[fx.Node]]] | None = None
+        self._plan: tuple[list[fx.Node], dict[fx.Node, list[fx.Node]], dict[fx.Node, tuple[fx.Node, object]]] | None = None
+        #: fuse a neuron layer with the average pooling after it into one kernel (eclsnn.kernels)
+        self.fuse_pooling = True
+        #: :meth:`run` simulates the batch in sub-batches of at most this many rows (steps × samples) at
+        #: once, so that every layer's T-step tensor stays in cache (None: the whole batch at once).
+        #: Chosen by ``benchmarks/speed.py --rows``; samples are independent, so the results are the same.
+        self.max_rows: int | None = DEFAULT_MAX_ROWS
         # Image networks run in channels-last layout: on CPU, oneDNN convolutions and average pooling
         # are markedly faster on it (pooling ~3x on spike maps), and neurons are layout-agnostic.
         if channels_last is None:
@@ -110,9 +120,15 @@ class SpikingNetwork(nn.Module):
         """Drive the network with the same input ``x`` ``[B, ...]`` at every step for ``time_steps``
         steps; returns the readout of every step, ``[T, B, ...]``. State starts fresh."""
         T = check_time_steps(time_steps)
-        self.reset()
-        out = self._execute(self._layout(x), T, _STATIC)
-        return out.view(T, x.shape[0], *out.shape[1:])
+        B = x.shape[0]
+        chunk = B if not self.max_rows else max(1, self.max_rows // T)
+        outs = []
+        for start in range(0, B, chunk):
+            self.reset()
+            part = x[start:start + chunk]
+            out = self._execute(self._layout(part), T, _STATIC)
+            outs.append(out.view(T, part.shape[0], *out.shape[1:]))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     def _plan_graph(self):
         if self._plan is None:
@@ -124,14 +140,23 @@ class SpikingNetwork(nn.Module):
                     if inp not in seen:
                         seen.add(inp)
                         last_use.setdefault(node, []).append(inp)
-            self._plan = (nodes, last_use)
+            fusions = {}
+            for node in nodes:
+                if node.op == "call_module" and isinstance(self.graph_module.get_submodule(node.target), SpikingNeuron) \
+                        and len(node.users) == 1:
+                    user = next(iter(node.users))
+                    pool = _pool_spec(user, self.graph_module)
+                    if pool is not None and user.args and user.args[0] is node:
+                        fusions[node] = (user, pool)
+            self._plan = (nodes, last_use, fusions)
         return self._plan
 
     def _execute(self, x: torch.Tensor, T: int, input_kind: str) -> torch.Tensor:
-        nodes, last_use = self._plan_graph()
+        nodes, last_use, fusions = self._plan_graph()
         gm = self.graph_module
         env: dict[fx.Node, object] = {}
         kind: dict[fx.Node, str] = {}
+        fused: set[fx.Node] = set()
 
         def as_seq(node: fx.Node):
             value = env[node]
@@ -140,7 +165,9 @@ class SpikingNetwork(nn.Module):
             return value
 
         for node in nodes:
-            if node.op == "placeholder":
+            if node in fused:
+                pass  # computed together with the neuron layer before it
+            elif node.op == "placeholder":
                 env[node], kind[node] = x, input_kind
             elif node.op == "get_attr":
                 env[node], kind[node] = getattr_path(gm, node.target), _CONST
@@ -155,7 +182,17 @@ class SpikingNetwork(nn.Module):
                     src = node.args[0]
                     value = env[src]
                     xs = value.view(T, -1, *value.shape[1:]) if kind[src] == _SEQ else value.unsqueeze(0).expand(T, *value.shape)
-                    env[node], kind[node] = target.multi_step(xs).flatten(0, 1), _SEQ
+                    pooled = None
+                    if node in fusions and self.fuse_pooling and "multi_step" not in vars(target):
+                        # (an instance attribute multi_step is an observer, e.g. eclsnn.analysis: keep its view)
+                        pool_node, size = fusions[node]
+                        k = _pool_kernel(size, xs.shape[-2:])
+                        pooled = target.multi_step_pooled(xs, k) if k else None
+                    if pooled is not None:
+                        env[pool_node], kind[pool_node] = pooled.flatten(0, 1), _SEQ
+                        fused.add(pool_node)
+                    else:
+                        env[node], kind[node] = target.multi_step(xs).flatten(0, 1), _SEQ
                 elif _SEQ in kinds or (_STATIC in kinds and _is_shape_query(node)):
                     # Shapes of a static value are asked of its time-expanded form, so that code like
                     # x.view(x.size(0), -1) sizes sequences correctly.
@@ -168,6 +205,46 @@ class SpikingNetwork(nn.Module):
             for dead in last_use.get(node, ()):
                 env.pop(dead, None)
         raise SimulationError("the network graph has no output")
+
+
+def _pool_spec(node: fx.Node, gm: fx.GraphModule):
+    """("avg", k) for a k×k / stride-k average pooling without padding, or None: the poolings the fused
+    neuron kernel reproduces bit for bit. (Adaptive average pooling is left out: torch sums its windows
+    in another order, which in float32 can differ in the last bit for large windows.)"""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.AvgPool2d):
+            k, st, pad = mod.kernel_size, mod.stride, mod.padding
+            ok = not mod.ceil_mode and mod.divisor_override is None
+        else:
+            return None
+        if len(node.args) != 1 or node.kwargs:
+            return None
+    elif node.op == "call_function" and node.target is F.avg_pool2d:
+        names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+        bound = dict(zip(names, node.args)) | dict(node.kwargs)
+        k, st, pad = bound.get("kernel_size"), bound.get("stride"), bound.get("padding", 0)
+        ok = not bound.get("ceil_mode", False) and bound.get("divisor_override") is None and not isinstance(k, fx.Node)
+    else:
+        return None
+    k2, st2, pad2 = (_pair(k), _pair(st if st not in (None, []) else k), _pair(pad))
+    if ok and None not in (k2, st2, pad2) and k2[0] == k2[1] == st2[0] == st2[1] and pad2 == (0, 0):
+        return ("avg", k2[0])
+    return None
+
+
+def _pair(v):
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return tuple(v)
+    return None
+
+
+def _pool_kernel(spec, hw) -> int | None:
+    """The square kernel (= stride) of a pooling spec on an H×W map, if it is one."""
+    kind, size = spec
+    return size if kind == "avg" else None
 
 
 def getattr_path(obj, target: str):
@@ -194,6 +271,10 @@ def _call(node: fx.Node, gm: fx.GraphModule, args, kwargs):
     if node.op == "call_function":
         return node.target(*args, **kwargs)
     obj, *rest = args
+    if node.target == "view" and torch.is_tensor(obj) and not obj.is_contiguous():
+        # the simulator keeps image tensors channels-last (faster convolutions and pooling), where
+        # x.view(B, -1) would fail; reshape gives the same values (a copy in NCHW order)
+        return obj.reshape(*rest, **kwargs)
     return getattr(obj, node.target)(*rest, **kwargs)
 
 

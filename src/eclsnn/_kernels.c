@@ -1,0 +1,257 @@
+/* Fused CPU kernels of eclsnn: the IF / dual-threshold neuron loops (optionally fused with the
+ * average pooling that follows them) and the threshold clipping function's forward and backward.
+ *
+ * Compiled on first use by eclsnn/kernels.py and called through ctypes. Every neuron and forward
+ * kernel performs exactly the floating-point operations of the reference in eclsnn/functional.py, in
+ * the same order (built with -ffp-contract=off and without -ffast-math), so its results are
+ * bit-identical to it; tests/test_kernels.py checks this.
+ *
+ * Layout conventions:
+ *   - A neuron layer's input is T steps of n elements each; step t starts at x + t*xs (xs = 0: the
+ *     same current every step, the constant first-layer current). Outputs are written at out + t*os.
+ *   - The channel of flat element i is (i / inner) % C: inner = H*W for NCHW, 1 for channels-last
+ *     or [B, F] features. C = 1 means a scalar threshold.
+ *   - Elements are processed in blocks of BLOCK that stay in L1 cache while all T steps run over
+ *     them: one read of the input and one write of the output per step, the state never leaves cache.
+ *
+ * This file includes itself once per floating-point type (the part below #else is the body).
+ */
+#ifndef T_
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 1024
+#define LANES 16
+
+/* Built with -fopenmp this uses the OpenMP runtime torch has already loaded (same soname), so the
+ * kernels share torch's worker threads instead of competing with them; without it, serial. */
+#ifdef _OPENMP
+#define PARALLEL_FOR _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")
+int eclsnn_openmp(void) { return 1; }
+#else
+#define PARALLEL_FOR
+int eclsnn_openmp(void) { return 0; }
+#endif
+
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define FN(name) CAT(name, SUF)
+
+#define T_ float
+#define SUF f32
+#define FLOOR floorf
+#include __FILE__
+#undef T_
+#undef SUF
+#undef FLOOR
+
+#define T_ double
+#define SUF f64
+#define FLOOR floor
+#include __FILE__
+
+#else  /* ---- body, once per type ---------------------------------------------------------------- */
+
+static void FN(fill_theta)(T_ *th, const T_ *theta, int64_t C, int64_t inner, int64_t i0, int64_t len) {
+    if (C == 1) {
+        for (int64_t j = 0; j < len; j++) th[j] = theta[0];
+        return;
+    }
+    for (int64_t j = 0; j < len; j++) th[j] = theta[((i0 + j) / inner) % C];
+}
+
+/* IF neuron, reset by subtraction:  m = v + x;  o = θ if m >= θ else 0;  v = m − o. */
+void FN(if_run)(const T_ *x, int64_t xs, T_ *out, int64_t os, T_ *v, int64_t T, int64_t n,
+                const T_ *theta, int64_t C, int64_t inner, int nthreads) {
+    const int64_t nb = (n + BLOCK - 1) / BLOCK;
+    PARALLEL_FOR
+    for (int64_t bi = 0; bi < nb; bi++) {
+        T_ th[BLOCK];
+        const int64_t b0 = bi * BLOCK, len = n - b0 < BLOCK ? n - b0 : BLOCK;
+        FN(fill_theta)(th, theta, C, inner, b0, len);
+        T_ *vb = v + b0;
+        for (int64_t t = 0; t < T; t++) {
+            const T_ *xb = x + t * xs + b0;
+            T_ *ob = out + t * os + b0;
+            for (int64_t j = 0; j < len; j++) {
+                T_ m = vb[j] + xb[j];
+                T_ o = m >= th[j] ? th[j] : (T_)0;
+                vb[j] = m - o;
+                ob[j] = o;
+            }
+        }
+    }
+}
+
+/* Dual-threshold neuron:  s = +1 if m >= θ;  −1 if m < θ_neg and the count c > 0;  else 0;
+ * v = m − s·θ;  c = c + s.  neg_units is θ_neg in units of θ (θ_neg = θ·neg_units, as the reference). */
+void FN(dual_run)(const T_ *x, int64_t xs, T_ *out, int64_t os, T_ *v, T_ *c, int64_t T, int64_t n,
+                  const T_ *theta, int64_t C, int64_t inner, double neg_units, int nthreads) {
+    const T_ u = (T_)neg_units;
+    const int64_t nb = (n + BLOCK - 1) / BLOCK;
+    PARALLEL_FOR
+    for (int64_t bi = 0; bi < nb; bi++) {
+        T_ th[BLOCK], thn[BLOCK];
+        const int64_t b0 = bi * BLOCK, len = n - b0 < BLOCK ? n - b0 : BLOCK;
+        FN(fill_theta)(th, theta, C, inner, b0, len);
+        for (int64_t j = 0; j < len; j++) thn[j] = th[j] * u;
+        T_ *vb = v + b0, *cb = c + b0;
+        for (int64_t t = 0; t < T; t++) {
+            const T_ *xb = x + t * xs + b0;
+            T_ *ob = out + t * os + b0;
+            for (int64_t j = 0; j < len; j++) {
+                T_ m = vb[j] + xb[j];
+                int pos = m >= th[j];
+                int neg = (m < thn[j]) & (cb[j] > (T_)0);
+                T_ o = pos ? th[j] : (neg ? -th[j] : (T_)0);
+                vb[j] = m - o;
+                cb[j] = cb[j] + (T_)(pos - neg);
+                ob[j] = o;
+            }
+        }
+    }
+}
+
+/* A neuron layer followed by k×k average pooling with stride k (no padding), on channels-last
+ * [B, H, W, C] maps, fused: the spike maps are pooled while in registers and never written. Work is
+ * split over rows r = b·(H/k) + ho of the pooled map. The pooled value is the sum of the k·k outputs
+ * in torch's avg_pool2d order (kernel row by row, starting from 0) divided by k·k.
+ * c == NULL: IF neuron; else dual-threshold neuron with count c. */
+void FN(pool_run)(const T_ *x, int64_t xs, T_ *out, int64_t os, T_ *v, T_ *c, int64_t T, int64_t B,
+                  int64_t H, int64_t W, int64_t C, int64_t k, const T_ *theta, int64_t nth,
+                  double neg_units, int nthreads) {
+    const int64_t Ho = H / k, Wo = W / k, rowlen = W * C, orowlen = Wo * C, rows = B * Ho;
+    const T_ u = (T_)neg_units, div = (T_)(k * k);
+    PARALLEL_FOR
+    for (int64_t r = 0; r < rows; r++) {
+        T_ th[BLOCK], thn[BLOCK];
+        const int64_t b = r / Ho, ho = r % Ho;
+        for (int64_t c0 = 0; c0 < C; c0 += BLOCK) {
+            const int64_t cl = C - c0 < BLOCK ? C - c0 : BLOCK;
+            for (int64_t j = 0; j < cl; j++) {
+                th[j] = nth == 1 ? theta[0] : theta[c0 + j];
+                thn[j] = th[j] * u;
+            }
+            for (int64_t t = 0; t < T; t++) {
+                T_ *orow = out + t * os + r * orowlen;
+                for (int64_t wo = 0; wo < Wo; wo++) memset(orow + wo * C + c0, 0, cl * sizeof(T_));
+                for (int64_t dh = 0; dh < k; dh++) {
+                    const int64_t off = (b * H + ho * k + dh) * rowlen;
+                    const T_ *xr = x + t * xs + off;
+                    T_ *vr = v + off, *cr = c ? c + off : 0;
+                    for (int64_t w = 0; w < Wo * k; w++) {
+                        const T_ *xp = xr + w * C + c0;
+                        T_ *vp = vr + w * C + c0, *op = orow + (w / k) * C + c0;
+                        if (cr) {
+                            T_ *cp = cr + w * C + c0;
+                            for (int64_t j = 0; j < cl; j++) {
+                                T_ m = vp[j] + xp[j];
+                                int pos = m >= th[j];
+                                int neg = (m < thn[j]) & (cp[j] > (T_)0);
+                                T_ o = pos ? th[j] : (neg ? -th[j] : (T_)0);
+                                vp[j] = m - o;
+                                cp[j] = cp[j] + (T_)(pos - neg);
+                                op[j] = op[j] + o;
+                            }
+                        } else {
+                            for (int64_t j = 0; j < cl; j++) {
+                                T_ m = vp[j] + xp[j];
+                                T_ o = m >= th[j] ? th[j] : (T_)0;
+                                vp[j] = m - o;
+                                op[j] = op[j] + o;
+                            }
+                        }
+                    }
+                }
+                for (int64_t wo = 0; wo < Wo; wo++) {
+                    T_ *op = orow + wo * C + c0;
+                    for (int64_t j = 0; j < cl; j++) op[j] = op[j] / div;
+                }
+            }
+        }
+    }
+}
+
+/* ---- threshold clipping function ----------------------------------------------------------------
+ * Reference (functional._ThresholdClipFn):  c = clamp(z, 0, λ);  h = floor(c·(L/λ) + ψ)·(λ/L), with
+ * L/λ computed as (1/λ)·L (torch's int / tensor).  levels = 0: the unquantised clip h = c. */
+
+static inline T_ FN(clamp)(T_ z, T_ lam) {
+    T_ c = z < (T_)0 ? (T_)0 : z;
+    return c > lam ? lam : c;
+}
+
+/* Per-element λ-gradient factor: (h − c)/λ + [z ≥ λ]  ([z ≥ λ] alone when unquantised). The division
+ * is done by the reciprocal il = 1/λ (within an ulp of the reference; the sum's order differs anyway). */
+static inline T_ FN(dlam)(T_ z, T_ l, T_ a, T_ s, T_ il, T_ sh, int64_t levels) {
+    T_ up = z >= l ? (T_)1 : (T_)0;
+    if (!levels) return up;
+    T_ cc = FN(clamp)(z, l);
+    return (FLOOR(cc * a + sh) * s - cc) * il + up;
+}
+
+void FN(clip_fwd)(const T_ *z, T_ *h, int64_t n, const T_ *lam, int64_t C, int64_t inner, int64_t levels,
+                  double shift, int nthreads) {
+    const T_ L = (T_)levels, sh = (T_)shift;
+    const int64_t nb = (n + BLOCK - 1) / BLOCK;
+    PARALLEL_FOR
+    for (int64_t bi = 0; bi < nb; bi++) {
+        const int64_t b0 = bi * BLOCK, b1 = n - b0 < BLOCK ? n : b0 + BLOCK;
+        if (C == 1) {
+            const T_ l = lam[0], a = ((T_)1 / l) * L, s = l / L;
+            if (levels)
+                for (int64_t i = b0; i < b1; i++) h[i] = FLOOR(FN(clamp)(z[i], l) * a + sh) * s;
+            else
+                for (int64_t i = b0; i < b1; i++) h[i] = FN(clamp)(z[i], l);
+        } else {
+            T_ lb[BLOCK];
+            FN(fill_theta)(lb, lam, C, inner, b0, b1 - b0);
+            for (int64_t i = b0; i < b1; i++) {
+                T_ l = lb[i - b0];
+                h[i] = levels ? FLOOR(FN(clamp)(z[i], l) * (((T_)1 / l) * L) + sh) * (l / L) : FN(clamp)(z[i], l);
+            }
+        }
+    }
+}
+
+/* gz = g where 0 < z < λ (hardtanh_backward's test for a scalar λ), else 0; gz may be NULL. With
+ * want_lam, Σ g·dλ goes to partial[(i / chunk)·C + channel] (double): for a scalar λ each chunk is
+ * summed by one thread in LANES running sums of the tensor's type (chunk / LANES terms each), the lanes
+ * added in double; so the result does not depend on how many threads ran. */
+void FN(clip_bwd)(const T_ *g, const T_ *z, T_ *gz, double *partial, int64_t n, int64_t chunk,
+                  const T_ *lam, int64_t C, int64_t inner, int64_t levels, double shift, int want_lam,
+                  int nthreads) {
+    const T_ L = (T_)levels, sh = (T_)shift;
+    const int64_t nc = (n + chunk - 1) / chunk;
+    PARALLEL_FOR
+    for (int64_t ci = 0; ci < nc; ci++) {
+        const int64_t c0 = ci * chunk, c1 = n - c0 < chunk ? n : c0 + chunk;
+        if (C == 1) {
+            const T_ l = lam[0], a = ((T_)1 / l) * L, s = l / L, il = (T_)1 / l;
+            int64_t i = c0;
+            if (gz)
+                for (int64_t q = c0; q < c1; q++) gz[q] = (z[q] <= (T_)0 || z[q] >= l) ? (T_)0 : g[q];
+            if (!want_lam) continue;
+            T_ acc[LANES] = {0};
+            double total = 0;
+            for (; i + LANES <= c1; i += LANES)
+                for (int q = 0; q < LANES; q++) acc[q] += g[i + q] * FN(dlam)(z[i + q], l, a, s, il, sh, levels);
+            for (; i < c1; i++) acc[0] += g[i] * FN(dlam)(z[i], l, a, s, il, sh, levels);
+            for (int q = 0; q < LANES; q++) total += (double)acc[q];
+            partial[ci] += total;
+        } else {
+            double *row = partial + ci * C;
+            for (int64_t i = c0; i < c1; i++) {
+                const int64_t ch = (i / inner) % C;
+                const T_ l = lam[ch], zz = z[i];
+                if (gz) gz[i] = (zz > (T_)0 && zz < l) ? g[i] : (T_)0;
+                if (want_lam)
+                    row[ch] += (double)g[i] * (double)FN(dlam)(zz, l, ((T_)1 / l) * L, l / L, (T_)1 / l, sh, levels);
+            }
+        }
+    }
+}
+
+#endif

@@ -1,0 +1,334 @@
+"""Fused CPU kernels for the hot paths: the neuron loops of the simulator (optionally fused with the
+average pooling that follows a neuron layer) and the threshold clipping function's forward and backward.
+
+Why: in eager PyTorch every line of a neuron update or of the clip is one pass over memory, and these
+tensors are the largest of a network; the dense convolutions are already fast. The kernels in
+``_kernels.c`` do each update in one pass with the state in L1 cache, and perform exactly the
+floating-point operations of the reference functions in :mod:`eclsnn.functional` (same order, no
+fused multiply-add, no fast-math), so they are bit-identical to them — ``tests/test_kernels.py``
+checks this for every kernel, and the simulator's spike-for-spike test runs through them.
+
+The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``) into
+a per-user cache (``$ECLSNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/eclsnn`` or ``~/.cache/eclsnn``) and
+loaded with ctypes. Built with ``-fopenmp`` the kernels run on ``torch.get_num_threads()`` threads of
+the OpenMP runtime torch itself has loaded (the same shared library, so the two never compete for
+cores); without OpenMP they run on one thread. Nothing is downloaded. Without a compiler eclsnn warns once and uses the PyTorch
+reference path (same results, slower). ``ECLSNN_KERNELS=off`` always uses the reference path,
+``ECLSNN_KERNELS=on`` makes a failed build an error. CUDA tensors, other dtypes than float32/float64
+and unusual memory layouts always take the reference path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "enabled", "reference_only", "openmp", "build_error", "supports", "neuron_run",
+           "neuron_pool_run", "clip_forward", "clip_backward"]
+
+_SOURCE = Path(__file__).with_name("_kernels.c")
+# No fused multiply-add and no fast-math: the values must be those of the reference. -fno-trapping-math
+# changes no value (it only lets the compiler ignore floating-point traps) but lets floor vectorise.
+_BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math"]
+_MIN_PER_THREAD = 1 << 15  # elements; smaller jobs run on the calling thread
+_CLIP_CHUNK = 1 << 12  # elements per partial sum of the λ-gradient (fixed: results do not depend on threads)
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+_tried = False
+_disabled_depth = 0  # > 0 inside reference_only()
+
+
+def _mode() -> str:
+    mode = os.environ.get("ECLSNN_KERNELS", "auto").strip().lower()
+    return {"0": "off", "false": "off", "no": "off", "1": "on", "true": "on", "yes": "on"}.get(mode, mode)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ECLSNN_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "eclsnn"
+
+
+def _compiler() -> str | None:
+    candidates = [os.environ.get("CC", ""), (sysconfig.get_config_var("CC") or "").split(" ")[0], "cc", "gcc", "clang"]
+    for cand in candidates:
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: a library built for one CPU must not be loaded on another that
+    shares the cache folder."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return platform.machine() + "|" + "|".join(sorted(set(lines)))
+    except OSError:
+        return platform.machine() + "|" + platform.processor()
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC or install gcc)")
+    source = _SOURCE.read_bytes()
+    errors = []
+    # -march=native first (vectorised floor, wider registers); then the portable baseline.
+    for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+        flags = _BASE_FLAGS + extra
+        key = hashlib.sha256(source + " ".join([cc, *flags, sys.platform, _cpu_signature()]).encode()).hexdigest()[:16]
+        for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"eclsnn-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+            target = folder / f"kernels-{key}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
+            if target.is_file():
+                try:
+                    return ctypes.CDLL(str(target))
+                except OSError as exc:  # a corrupt cache entry: rebuild it
+                    errors.append(f"{target}: {exc}")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f".{target.name}.{os.getpid()}.tmp"
+                proc = subprocess.run([cc, *flags, "-o", str(tmp), str(_SOURCE), "-lm"], capture_output=True,
+                                      text=True, timeout=120)
+                if proc.returncode != 0:
+                    errors.append(f"{' '.join(extra) or 'baseline'}: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+                    tmp.unlink(missing_ok=True)
+                    break  # the same flags fail in any folder
+                os.replace(tmp, target)
+                return ctypes.CDLL(str(target))
+            except (OSError, subprocess.SubprocessError) as exc:
+                errors.append(f"{folder}: {exc}")
+    raise RuntimeError("; ".join(errors) or "build failed")
+
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_D = ctypes.c_double
+_N = ctypes.c_int
+_SIGNATURES = {
+    "if_run": [_P, _I, _P, _I, _P, _I, _I, _P, _I, _I, _N],
+    "dual_run": [_P, _I, _P, _I, _P, _P, _I, _I, _P, _I, _I, _D, _N],
+    "pool_run": [_P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _P, _I, _D, _N],
+    "clip_fwd": [_P, _P, _I, _P, _I, _I, _I, _D, _N],
+    "clip_bwd": [_P, _P, _P, _P, _I, _I, _P, _I, _I, _I, _D, _N, _N],
+}
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _error, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        try:
+            lib = _build()
+            lib.eclsnn_openmp.argtypes, lib.eclsnn_openmp.restype = [], ctypes.c_int
+            for name, argtypes in _SIGNATURES.items():
+                for suffix in ("f32", "f64"):
+                    fn = getattr(lib, f"{name}_{suffix}")
+                    fn.argtypes, fn.restype = argtypes, None
+            _lib = lib
+        except Exception as exc:  # any build or load failure: fall back to the reference path
+            _error = str(exc)
+            if _mode() == "on":
+                _tried = True
+                raise RuntimeError(f"eclsnn: ECLSNN_KERNELS=on but the fused CPU kernels could not be built: {_error}") from None
+            warnings.warn(f"eclsnn: fused CPU kernels unavailable ({_error}); using the PyTorch reference path "
+                          "(identical results, slower). Set ECLSNN_KERNELS=off to silence this.", RuntimeWarning,
+                          stacklevel=3)
+        _tried = True
+    return _lib
+
+
+def enabled() -> bool:
+    """True unless ``ECLSNN_KERNELS=off`` or inside :func:`reference_only`."""
+    return _disabled_depth == 0 and _mode() != "off"
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Run everything inside on the PyTorch reference path (for checks against the fused kernels)."""
+    global _disabled_depth
+    _disabled_depth += 1
+    try:
+        yield
+    finally:
+        _disabled_depth -= 1
+
+
+def available() -> bool:
+    """True if the fused kernels are enabled and built (builds them on the first call)."""
+    return enabled() and _load() is not None
+
+
+def build_error() -> str | None:
+    """Why the kernels could not be built, or None."""
+    return _error
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors can go through the kernels: CPU, one float32/float64 dtype, kernels built."""
+    t0 = tensors[0]
+    if t0.device.type != "cpu" or t0.dtype not in (torch.float32, torch.float64):
+        return False
+    if any(t.device.type != "cpu" or t.dtype != t0.dtype for t in tensors[1:]):
+        return False
+    return available()
+
+
+def _threads(n: int) -> int:
+    """Threads for a job of n elements: torch's setting, one for small jobs."""
+    return 1 if n < _MIN_PER_THREAD else max(1, torch.get_num_threads())
+
+
+def openmp() -> bool:
+    """True if the built kernels run multi-threaded (compiled with OpenMP)."""
+    lib = _load()
+    return bool(lib is not None and lib.eclsnn_openmp())
+
+
+def _suffix(t: torch.Tensor) -> str:
+    return "f32" if t.dtype == torch.float32 else "f64"
+
+
+# ---- layout --------------------------------------------------------------------------------------
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (every element once, no gaps), in any dimension order."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _channels(t: torch.Tensor) -> tuple[int, int]:
+    """(C, inner) of a dense ``[B, C, ...]`` tensor: the channel of flat element i is (i // inner) % C."""
+    if t.dim() < 2:
+        return 1, 1
+    if t.is_contiguous():
+        inner = 1
+        for s in t.shape[2:]:
+            inner *= s
+        return t.shape[1], inner
+    return t.shape[1], 1  # channels-last: channel is the fastest dimension
+
+
+def _theta_arg(theta: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    th = theta.detach().to(dtype).reshape(-1).contiguous()
+    return th, th.numel()
+
+
+def step_layout(x_seq: torch.Tensor) -> torch.Tensor | None:
+    """One step of ``x_seq`` ``[T, B, ...]`` if every step is a dense block the kernels can read
+    (consecutive steps at a fixed stride, or the same block every step); else None."""
+    y = x_seq[0]
+    if not _is_dense(y):
+        return None
+    return y
+
+
+# ---- neurons -------------------------------------------------------------------------------------
+
+def neuron_run(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, count: torch.Tensor | None,
+               neg_units: float | None) -> torch.Tensor:
+    """Run T steps of the IF (``count`` None) or dual-threshold neuron over ``x_seq`` ``[T, ...]``.
+
+    ``v`` (and ``count``) are the state, dense with the layout of one step of ``x_seq``, updated in
+    place. ``theta`` is a scalar or ``[C]`` tensor; ``neg_units`` is θ_neg in units of θ. Returns the
+    outputs θ·s ``[T, ...]`` with the per-step layout of ``x_seq[0]``.
+    """
+    lib = _load()
+    y = x_seq[0]
+    T, n = x_seq.shape[0], y.numel()
+    xs = x_seq.stride(0) if T > 1 else n
+    out = torch.empty_strided((T, *y.shape), (n, *y.stride()), dtype=y.dtype)
+    C, inner = _channels(y)
+    th, nth = _theta_arg(theta, y.dtype)
+    if nth == 1:
+        C = 1
+    sfx = _suffix(y)
+    xp, op, vp, tp = y.data_ptr(), out.data_ptr(), v.data_ptr(), th.data_ptr()
+    nt = _threads(n * T)
+    if count is None:
+        getattr(lib, f"if_run_{sfx}")(xp, xs, op, n, vp, T, n, tp, C, inner, nt)
+    else:
+        getattr(lib, f"dual_run_{sfx}")(xp, xs, op, n, vp, count.data_ptr(), T, n, tp, C, inner, float(neg_units), nt)
+    return out
+
+
+def pool_fusable(y: torch.Tensor, k: int) -> bool:
+    """Whether a neuron layer with step input like ``y`` can be fused with k×k/stride-k average pooling."""
+    return (y.dim() == 4 and k >= 1 and y.shape[2] % k == 0 and y.shape[3] % k == 0
+            and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous())
+
+
+def neuron_pool_run(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, count: torch.Tensor | None,
+                    neg_units: float | None, k: int) -> torch.Tensor:
+    """A neuron layer followed by ``avg_pool2d(kernel_size=k, stride=k)``, fused: returns the pooled
+    outputs ``[T, B, C, H/k, W/k]`` (channels-last per step) without materialising the spike maps.
+    The input steps must be channels-last ``[B, C, H, W]`` with H and W divisible by k."""
+    lib = _load()
+    y = x_seq[0]
+    T = x_seq.shape[0]
+    B, C, H, W = y.shape
+    Ho, Wo = H // k, W // k
+    n, n_out = y.numel(), B * C * Ho * Wo
+    xs = x_seq.stride(0) if T > 1 else n
+    out = torch.empty_strided((T, B, C, Ho, Wo), (n_out, Ho * Wo * C, 1, Wo * C, C), dtype=y.dtype)
+    th, nth = _theta_arg(theta, y.dtype)
+    cp = None if count is None else count.data_ptr()
+    getattr(lib, f"pool_run_{_suffix(y)}")(y.data_ptr(), xs, out.data_ptr(), n_out, v.data_ptr(), cp, T, B, H, W, C,
+                                           k, th.data_ptr(), nth, float(neg_units or 0.0), _threads(n * T))
+    return out
+
+
+# ---- threshold clipping function -----------------------------------------------------------------
+
+def clip_forward(z: torch.Tensor, lam: torch.Tensor, levels: int | None, shift: float) -> torch.Tensor:
+    """``h = λ·clamp(floor(z·L/λ + ψ)/L, 0, 1)`` of a dense CPU tensor; λ scalar or per-channel (dim 1)."""
+    lib = _load()
+    h = torch.empty_like(z)
+    th, nth = _theta_arg(lam, z.dtype)
+    C, inner = _channels(z) if nth > 1 else (1, 1)
+    n = z.numel()
+    getattr(lib, f"clip_fwd_{_suffix(z)}")(z.data_ptr(), h.data_ptr(), n, th.data_ptr(), C, inner, int(levels or 0),
+                                          float(shift), _threads(n))
+    return h
+
+
+def clip_backward(grad: torch.Tensor, z: torch.Tensor, lam: torch.Tensor, levels: int | None, shift: float,
+                  want_z: bool, want_lam: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dL/dz, dL/dλ) of :func:`clip_forward` with the straight-through gradient of
+    :class:`eclsnn.functional._ThresholdClipFn`; ``grad`` must have the layout of ``z``. dL/dλ is
+    ``[C]`` (or a 0-dim tensor) in float64, summed in a fixed order."""
+    lib = _load()
+    n = z.numel()
+    th, nth = _theta_arg(lam, z.dtype)
+    C, inner = _channels(z) if nth > 1 else (1, 1)
+    gz = torch.empty_like(z) if want_z else None
+    chunks = -(-n // _CLIP_CHUNK)
+    partial = torch.zeros(chunks * C, dtype=torch.float64) if want_lam else torch.zeros(1, dtype=torch.float64)
+    getattr(lib, f"clip_bwd_{_suffix(z)}")(grad.data_ptr(), z.data_ptr(), gz.data_ptr() if gz is not None else None,
+                                          partial.data_ptr(), n, _CLIP_CHUNK, th.data_ptr(), C, inner, int(levels or 0),
+                                          float(shift), int(want_lam), _threads(n))
+    glam = None
+    if want_lam:
+        glam = partial.view(chunks, C).sum(0)
+        glam = glam.reshape(()) if nth == 1 else glam
+    return gz, glam

@@ -1,0 +1,374 @@
+"""The fused CPU kernels (eclsnn.kernels) against the PyTorch reference functions: bit-identical
+neuron dynamics, pooling and clip forward/gradient; the λ-gradient to float64 precision and independent
+of the thread count; the fallback when no compiler is available; and the simulator's fast path
+(kernels, neuron+pool fusion, sub-batching) spike for spike against a plain single-step loop."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import eclsnn
+from eclsnn import ThresholdClip, kernels
+from eclsnn import functional as SF
+from eclsnn.neurons import DualThresholdIFNeuron, IFNeuron
+
+
+def test_kernels_build_here():
+    # The test suite needs a C compiler (the Makefile's machines have gcc): the fast path must really be
+    # what the other tests exercise.
+    assert kernels.available(), kernels.build_error()
+    assert kernels.openmp()
+
+
+def _seq(T, shape, dtype, layout, seed=0, scale=0.7):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T * shape[0], *shape[1:], generator=g, dtype=dtype) * scale
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.view(T, *shape)
+
+
+def _neuron(kind, theta, theta_neg=0.0, v_init=0.5):
+    return DualThresholdIFNeuron(theta, v_init, theta_neg) if kind == "dual" else IFNeuron(theta, v_init)
+
+
+def _reference(neuron, x_seq):
+    with kernels.reference_only():
+        out = neuron.multi_step(x_seq)
+        return out, neuron.v.clone(), getattr(neuron, "count", None)
+
+
+CASES = [  # (shape of one step, layout)
+    ((4, 8, 6, 6), "contiguous"), ((4, 8, 6, 6), "channels_last"), ((16, 40), "contiguous"),
+    ((3, 5, 7), "contiguous"), ((64, 32, 14, 14), "channels_last"),  # the last one runs multi-threaded
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("kind,theta_neg", [("if", 0.0), ("dual", 0.0), ("dual", -0.5), ("dual", -0.001)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_neuron_kernels_are_bit_identical_to_the_reference(dtype, shape, layout, kind, theta_neg, per_channel):
+    T = 5
+    x = _seq(T, shape, dtype, layout)
+    theta = torch.rand(shape[1], generator=torch.Generator().manual_seed(1)) + 0.4 if per_channel else torch.tensor(0.9)
+    n = _neuron(kind, theta, theta_neg)
+    ref, ref_v, ref_c = _reference(n, x)
+    out = n.multi_step(x)
+    assert torch.equal(out, ref) and torch.equal(n.v, ref_v)
+    if kind == "dual":
+        assert torch.equal(n.count, ref_c)
+    assert (out != 0).any() and ((out < 0).any() or kind == "if")  # the case exercises spikes (and retractions)
+    # the constant input of the first layer (stride 0 over time) reads one block for all steps
+    const = x[0].unsqueeze(0).expand(T, *x.shape[1:])
+    assert const.stride(0) == 0
+    assert torch.equal(n.multi_step(const), _reference(n, const)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["if", "dual"])
+@pytest.mark.parametrize("shape", [(4, 8, 6, 6), (64, 32, 28, 28)])
+@pytest.mark.parametrize("k", [2, 3])
+def test_fused_neuron_and_average_pooling_equal_neuron_then_pool(dtype, kind, shape, k):
+    if shape[2] % k:
+        shape = (shape[0], shape[1], 6 * k, 6 * k)
+    T = 4
+    x = _seq(T, shape, dtype, "channels_last")
+    n = _neuron(kind, torch.rand(shape[1], generator=torch.Generator().manual_seed(2)) + 0.5)
+    ref, ref_v, _ = _reference(n, x)
+    pooled_ref = F.avg_pool2d(ref.flatten(0, 1), k).view(T, shape[0], shape[1], shape[2] // k, shape[3] // k)
+    pooled = n.multi_step_pooled(x, k)
+    assert pooled is not None
+    assert torch.equal(pooled, pooled_ref)
+    assert torch.equal(n.v, ref_v)
+    const = x[0].unsqueeze(0).expand(T, *x.shape[1:])
+    ref_c = F.avg_pool2d(_reference(n, const)[0].flatten(0, 1), k)
+    assert torch.equal(n.multi_step_pooled(const, k).flatten(0, 1), ref_c)
+
+
+def test_fused_pooling_declines_what_it_cannot_do_exactly():
+    n = IFNeuron(1.0)
+    assert n.multi_step_pooled(_seq(2, (2, 4, 6, 6), torch.float32, "contiguous"), 2) is None  # not channels-last
+    assert n.multi_step_pooled(_seq(2, (2, 4, 7, 7), torch.float32, "channels_last"), 2) is None  # 7 % 2
+    assert n.multi_step_pooled(_seq(2, (2, 4, 6, 6), torch.float16, "channels_last"), 2) is None  # dtype
+
+
+@pytest.mark.parametrize("kind", ["if", "dual"])
+def test_single_step_kernel_path_matches_the_reference_steps(kind):
+    x = _seq(6, (8, 4, 5, 5), torch.float32, "channels_last")
+    fast, ref = _neuron(kind, 0.8), _neuron(kind, 0.8)
+    for t in range(6):
+        a = fast.single_step(x[t])
+        with kernels.reference_only():
+            b = ref.single_step(x[t])
+        assert torch.equal(a, b) and torch.equal(fast.v, ref.v)
+    # a batch that shrinks (adaptive inference drops finished samples) keeps working
+    keep = torch.tensor([True, False] * 4)
+    fast.v = fast.v[keep]
+    ref.v = ref.v[keep]
+    if kind == "dual":
+        fast.count, ref.count = fast.count[keep], ref.count[keep]
+    a = fast.single_step(x[0][keep])
+    with kernels.reference_only():
+        b = ref.single_step(x[0][keep])
+    assert torch.equal(a, b)
+
+
+@given(st.integers(1, 8), st.integers(1, 300), st.integers(-8, 8), st.sampled_from(["if", "dual"]))
+def test_neuron_kernels_property_dyadic_inputs(T, n, k, kind):
+    """Exact dyadic values (ties included) in arbitrary sizes: kernel == reference."""
+    g = torch.Generator().manual_seed(n * 31 + T)
+    theta = torch.tensor(2.0 ** k)
+    x = torch.randint(-12, 13, (T, 1, n), generator=g).float() * theta / 4
+    neuron = _neuron(kind, theta)
+    assert torch.equal(neuron.multi_step(x), _reference(neuron, x)[0])
+
+
+# ---- threshold clipping function --------------------------------------------------------------------
+
+def _clip_both(z, lam, levels, grad):
+    results = []
+    for reference in (True, False):
+        zz, ll = z.clone().requires_grad_(True), lam.clone().requires_grad_(True)
+        if reference:
+            with kernels.reference_only():
+                h = SF.threshold_clip(zz, ll, levels)
+        else:
+            h = SF.threshold_clip(zz, ll, levels)
+        h.backward(grad)
+        results.append((h.detach(), zz.grad, ll.grad))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,layout", [((16, 8, 10, 10), "contiguous"), ((16, 8, 10, 10), "channels_last"),
+                                          ((300, 40), "contiguous"), ((64, 32, 28, 28), "channels_last")])
+@pytest.mark.parametrize("levels", [None, 1, 2, 3, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_clip_kernel_forward_and_gradients_match_the_reference(dtype, shape, layout, levels, per_channel):
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(shape, generator=g, dtype=dtype) * 2
+    grad = torch.randn(shape, generator=g, dtype=dtype)
+    if layout == "channels_last":
+        z, grad = z.contiguous(memory_format=torch.channels_last), grad.contiguous(memory_format=torch.channels_last)
+    C = shape[1]
+    lam = (torch.rand(C, generator=g) + 0.5).view(C, *([1] * (len(shape) - 2))) if per_channel else torch.tensor(1.3)
+    (h_ref, gz_ref, gl_ref), (h, gz, gl) = _clip_both(z, lam, levels, grad)
+    assert torch.equal(h, h_ref)  # bit-identical forward
+    assert torch.equal(gz, gz_ref)  # bit-identical input gradient
+    # λ-gradient: a sum in another order; both against the exact float64 sum
+    with kernels.reference_only():
+        lam64 = lam.double().requires_grad_(True)
+        SF.threshold_clip(z.double(), lam64, levels).backward(grad.double())
+    # (λ is a float32 parameter, so its gradient is rounded to float32 at the end in either dtype)
+    scale = grad.abs().sum().item() / max(gl_ref.numel(), 1)
+    tol = (1e-5 if dtype == torch.float32 else 1e-12) * scale + 2 ** -23 * lam64.grad.abs().max().item()
+    assert (gl.double() - lam64.grad).abs().max().item() <= tol
+    assert (gl_ref.double() - lam64.grad).abs().max().item() <= tol
+
+
+def test_clip_kernel_gradient_is_independent_of_the_thread_count():
+    z = torch.randn(64, 32, 28, 28).contiguous(memory_format=torch.channels_last) * 2
+    grad = torch.randn_like(z)
+    before = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            lam = torch.tensor(1.1, requires_grad=True)
+            SF.threshold_clip(z, lam, 4).backward(grad)
+            grads.append(lam.grad.clone())
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
+def test_clip_kernel_in_no_grad_mode_and_under_autocast():
+    clip = ThresholdClip(4, 1.5)
+    z = torch.randn(8, 3, 5, 5)
+    with torch.no_grad():
+        fast = clip(z)
+        with kernels.reference_only():
+            ref = clip(z)
+    assert torch.equal(fast, ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = clip(z.bfloat16())
+    assert out.dtype == torch.float32  # SPEC: computed in fp32 even under autocast
+    with kernels.reference_only():
+        assert torch.equal(out, clip(z.bfloat16().float()))
+
+
+# ---- the simulator's fast path ------------------------------------------------------------------------
+
+class PoolNet(nn.Module):
+    """conv-BN-clip-avgpool, a residual block, adaptive pool and a readout: every fused path."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1, self.a1 = nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), ThresholdClip(4, 1.0)
+        self.p1 = nn.AvgPool2d(2)
+        self.c2, self.b2, self.a2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), ThresholdClip(4, 1.2)
+        self.c3, self.a3 = nn.Conv2d(8, 8, 3, padding=1), ThresholdClip(4, 0.9)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.p1(self.a1(self.b1(self.c1(x))))
+        y = self.a2(self.b2(self.c2(x)))
+        y = self.a3(self.c3(y) + x)  # residual add before the neuron
+        return self.fc(torch.flatten(self.gap(y), 1))
+
+
+def _trained_like(model):
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("neuron", ["if", "dual"])
+def test_fast_simulation_is_spike_for_spike_equal_to_a_plain_single_step_loop(neuron):
+    """float64 (where every layer's arithmetic is deterministic): the fused, sub-batched multi-step run
+    gives the same readout at every step, and every neuron the same spike train, as the reference
+    single-step loop on the PyTorch path."""
+    model = _trained_like(PoolNet()).double()
+    x = torch.randn(24, 2, 12, 12, dtype=torch.float64) * 2
+    T = 8
+    snn = eclsnn.convert(model, neuron=neuron)
+    snn.max_rows = 40  # several sub-batches of 5 samples
+    fast = snn.run(x, T)
+    with kernels.reference_only():
+        snn.set_step_mode("single")
+        spikes_ref = {}
+        for name, mod in snn.neurons():
+            def rec(inp, _orig=mod.single_step, _name=name):
+                o = _orig(inp)
+                spikes_ref.setdefault(_name, []).append(o.clone())
+                return o
+            mod.single_step = rec
+        ref = torch.stack([snn(x) for _ in range(T)])
+        for _, mod in snn.neurons():
+            del mod.single_step
+        snn.set_step_mode("multi")
+    assert torch.equal(fast, ref)
+    # the spike trains of the (unfused) kernel path, recorded by wrapping multi_step
+    spikes = {}
+    for name, mod in snn.neurons():
+        def rec_m(inp, _orig=mod.multi_step, _name=name):
+            o = _orig(inp)
+            spikes.setdefault(_name, []).append(o.clone())
+            return o
+        mod.multi_step = rec_m
+    snn.max_rows = None
+    assert torch.equal(snn.run(x, T), ref)
+    for name in spikes_ref:
+        assert torch.equal(spikes[name][0], torch.stack(spikes_ref[name]))
+    total = sum(int((torch.stack(v) != 0).sum()) for v in spikes_ref.values())
+    assert total > 1000
+
+
+@torch.no_grad()
+def test_fusion_and_sub_batching_change_nothing_in_float32():
+    model = _trained_like(PoolNet())
+    x = torch.randn(32, 2, 12, 12) * 2
+    snn = eclsnn.convert(model, neuron="dual")
+    snn.max_rows = 64
+    fast = snn.run(x, 6)
+    snn.fuse_pooling = False
+    unfused = snn.run(x, 6)
+    with kernels.reference_only():
+        ref = snn.run(x, 6)
+    assert torch.equal(fast, unfused) and torch.equal(fast, ref)
+
+
+def test_fusion_is_planned_for_plain_average_pooling_only():
+    model = _trained_like(PoolNet())
+    snn = eclsnn.convert(model)
+    _, _, fusions = snn._plan_graph()
+    assert [spec for _, spec in fusions.values()] == [("avg", 2)]  # not the adaptive pool
+
+
+# ---- fallback when no compiler is available ------------------------------------------------------------
+
+def _run_python(code: str, env: dict) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env,
+                          timeout=300)
+
+
+def test_without_a_compiler_eclsnn_warns_once_and_uses_the_reference_path(tmp_path):
+    code = """
+        import warnings, torch, eclsnn
+        from eclsnn import kernels
+        from eclsnn.neurons import DualThresholdIFNeuron
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            n = DualThresholdIFNeuron(1.0)
+            x = torch.randn(4, 3, 10)
+            out = n.multi_step(x)
+            n.multi_step(x)
+        assert not kernels.available()
+        assert sum("kernels unavailable" in str(m.message) for m in w) == 1, [str(m.message) for m in w]
+        with kernels.reference_only():
+            assert torch.equal(out, n.multi_step(x))
+        print("fallback ok")
+    """
+    env = {"CC": str(tmp_path / "no-such-compiler"), "PATH": str(tmp_path), "ECLSNN_CACHE_DIR": str(tmp_path / "cache"),
+           "TMPDIR": str(tmp_path)}
+    proc = _run_python(code, env)
+    assert proc.returncode == 0, proc.stderr
+    assert "fallback ok" in proc.stdout
+
+
+def test_kernels_on_makes_a_failed_build_an_error(tmp_path):
+    code = """
+        import torch
+        from eclsnn.neurons import IFNeuron
+        IFNeuron(1.0).multi_step(torch.randn(2, 3, 4))
+    """
+    env = {"CC": str(tmp_path / "no-such-compiler"), "PATH": str(tmp_path), "ECLSNN_CACHE_DIR": str(tmp_path / "cache"),
+           "TMPDIR": str(tmp_path), "ECLSNN_KERNELS": "on"}
+    proc = _run_python(code, env)
+    assert proc.returncode != 0
+    assert "ECLSNN_KERNELS=on" in proc.stderr and "could not be built" in proc.stderr
+
+
+def test_kernels_off_skips_the_build(tmp_path):
+    code = """
+        import torch
+        from eclsnn import kernels
+        from eclsnn.neurons import IFNeuron
+        IFNeuron(1.0).multi_step(torch.randn(2, 3, 4))
+        assert not kernels.enabled() and not kernels._tried
+        print("off ok")
+    """
+    proc = _run_python(code, {"ECLSNN_KERNELS": "off", "ECLSNN_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0 and "off ok" in proc.stdout, proc.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_corrupt_cached_library_is_rebuilt(tmp_path):
+    code = """
+        import torch
+        from eclsnn import kernels
+        assert kernels.available(), kernels.build_error()
+        print("built")
+    """
+    env = {"ECLSNN_CACHE_DIR": str(tmp_path)}
+    assert "built" in _run_python(code, env).stdout
+    libs = list(tmp_path.glob("kernels-*"))
+    assert len(libs) == 1
+    libs[0].write_bytes(b"not a shared library")
+    proc = _run_python(code, env)
+    assert proc.returncode == 0 and "built" in proc.stdout, proc.stderr
