@@ -9,6 +9,7 @@ from .clip import ThresholdClip
 from .convert import convert, fold_batchnorm, prepare
 from .errors import CheckpointError, ConfigError, ConversionError, DataError, EclsnnError, SimulationError
 from .neurons import DualThresholdIFNeuron, IFNeuron, SpikingNeuron
+from .nir_io import from_nir, to_nir
 from .simulate import SpikingNetwork, evaluate, evaluate_ann, simulate
 
 __version__ = "0.1.0"
@@ -25,6 +26,8 @@ __all__ = [
     "simulate",
     "evaluate",
     "evaluate_ann",
+    "to_nir",
+    "from_nir",
     "EclsnnError",
     "ConversionError",
     "SimulationError",

@@ -116,11 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy loss against fixed T allowed when calibrating the margin (default 0.005)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="export a converted SNN's parameters for hardware (npz or json)")
+    p = sub.add_parser("export", help="export a converted SNN for hardware (npz or json) or as a NIR graph (nir)")
     p.add_argument("checkpoint", help="run folder, checkpoint folder, model.safetensors, or a converted SNN folder")
     _add_config_args(p)
     _add_convert_args(p)
-    p.add_argument("--format", choices=["npz", "json"], default="npz", help="container (see docs/EXPORT.md)")
+    p.add_argument("--format", choices=["npz", "json", "nir"], default="npz",
+                   help="container (npz/json: docs/EXPORT.md; nir: docs/NIR.md)")
+    p.add_argument("--nir-neurons", choices=["exact", "if"], default="exact",
+                   help="NIR only: neurons as exact I/Threshold/Scale compositions (default) or as NIR IF nodes")
     p.add_argument("--data-dir", help="data for calibrating ReLU networks")
     p.add_argument("--output", "-o", help="output file (default: RUN/snn.FORMAT)")
     p.set_defaults(func=cmd_export)
@@ -310,9 +313,40 @@ def cmd_export(args: argparse.Namespace) -> int:
         cfg = _config(args, {**_CONVERT_FLAGS, "data_dir": "data.data_dir"}, _checkpoint_config(ckpt))
         snn, _ = _convert_one(model, ckpt, cfg)
     out = Path(args.output) if args.output else ckpt.path.parent.parent / f"snn.{args.format}"
+    if args.format == "nir":
+        import warnings
+
+        from .nir_io import NIRExportWarning, write_nir
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NIRExportWarning)
+            write_nir(snn, out, _sample_input(ckpt), neurons=args.nir_neurons)
+        for w in caught:  # what lives only in NIR metadata, as one line; other warnings as usual
+            if issubclass(w.category, NIRExportWarning):
+                print(f"eclsnn: warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        print(f"exported {len(snn.neurons())} neuron layers -> {out} (NIR, neurons: {args.nir_neurons}; docs/NIR.md)")
+        return 0
     (export_npz if args.format == "npz" else export_json)(snn, out)
     print(f"exported {len(snn.neurons())} neuron layers -> {out} (format: docs/EXPORT.md)")
     return 0
+
+
+def _sample_input(ckpt):
+    """A zero input batch of one image of the shape the checkpoint was trained on (NIR export needs the
+    layer shapes)."""
+    import torch
+
+    from .data import DATASETS, resolve_name
+
+    data = ckpt.meta.get("dataset") or {}
+    if not data.get("channels"):
+        name = ((ckpt.meta.get("config") or {}).get("data") or {}).get("dataset", "fashion-mnist")
+        info = DATASETS[resolve_name(name)]
+        data = {"channels": info.channels, "image_size": info.image_size}
+    size = int(data["image_size"])
+    return torch.zeros(1, int(data["channels"]), size, size)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
