@@ -236,6 +236,18 @@ def _trained_like(model):
     return model.eval()
 
 
+def _record(snn, method: str) -> dict:
+    """Wrap every neuron's step method (an instance attribute) to keep a copy of each output."""
+    store = {}
+    for name, mod in snn.neurons():
+        def wrapped(inp, _orig=getattr(mod, method), _name=name):
+            o = _orig(inp)
+            store.setdefault(_name, []).append(o.clone())
+            return o
+        setattr(mod, method, wrapped)
+    return store
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("neuron", ["if", "dual"])
 def test_fast_simulation_is_spike_for_spike_equal_to_a_plain_single_step_loop(neuron):
@@ -250,26 +262,14 @@ def test_fast_simulation_is_spike_for_spike_equal_to_a_plain_single_step_loop(ne
     fast = snn.run(x, T)
     with kernels.reference_only():
         snn.set_step_mode("single")
-        spikes_ref = {}
-        for name, mod in snn.neurons():
-            def rec(inp, _orig=mod.single_step, _name=name):
-                o = _orig(inp)
-                spikes_ref.setdefault(_name, []).append(o.clone())
-                return o
-            mod.single_step = rec
+        spikes_ref = _record(snn, "single_step")
         ref = torch.stack([snn(x) for _ in range(T)])
         for _, mod in snn.neurons():
             del mod.single_step
         snn.set_step_mode("multi")
     assert torch.equal(fast, ref)
     # the spike trains of the (unfused) kernel path, recorded by wrapping multi_step
-    spikes = {}
-    for name, mod in snn.neurons():
-        def rec_m(inp, _orig=mod.multi_step, _name=name):
-            o = _orig(inp)
-            spikes.setdefault(_name, []).append(o.clone())
-            return o
-        mod.multi_step = rec_m
+    spikes = _record(snn, "multi_step")
     snn.max_rows = None
     assert torch.equal(snn.run(x, T), ref)
     for name in spikes_ref:

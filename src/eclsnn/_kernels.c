@@ -62,6 +62,24 @@ static void FN(fill_theta)(T_ *th, const T_ *theta, int64_t C, int64_t inner, in
     for (int64_t j = 0; j < len; j++) th[j] = theta[((i0 + j) / inner) % C];
 }
 
+/* One step of one neuron; returns the output θ·s and updates the state in place. */
+static inline T_ FN(if_step)(T_ *v, T_ x, T_ th) {
+    T_ m = *v + x;
+    T_ o = m >= th ? th : (T_)0;
+    *v = m - o;
+    return o;
+}
+
+static inline T_ FN(dual_step)(T_ *v, T_ *c, T_ x, T_ th, T_ thn) {
+    T_ m = *v + x;
+    int pos = m >= th;
+    int neg = (m < thn) & (*c > (T_)0);
+    T_ o = pos ? th : (neg ? -th : (T_)0);
+    *v = m - o;
+    *c = *c + (T_)(pos - neg);
+    return o;
+}
+
 /* IF neuron, reset by subtraction:  m = v + x;  o = θ if m >= θ else 0;  v = m − o. */
 void FN(if_run)(const T_ *x, int64_t xs, T_ *out, int64_t os, T_ *v, int64_t T, int64_t n,
                 const T_ *theta, int64_t C, int64_t inner, int nthreads) {
@@ -75,12 +93,7 @@ void FN(if_run)(const T_ *x, int64_t xs, T_ *out, int64_t os, T_ *v, int64_t T, 
         for (int64_t t = 0; t < T; t++) {
             const T_ *xb = x + t * xs + b0;
             T_ *ob = out + t * os + b0;
-            for (int64_t j = 0; j < len; j++) {
-                T_ m = vb[j] + xb[j];
-                T_ o = m >= th[j] ? th[j] : (T_)0;
-                vb[j] = m - o;
-                ob[j] = o;
-            }
+            for (int64_t j = 0; j < len; j++) ob[j] = FN(if_step)(vb + j, xb[j], th[j]);
         }
     }
 }
@@ -101,15 +114,7 @@ void FN(dual_run)(const T_ *x, int64_t xs, T_ *out, int64_t os, T_ *v, T_ *c, in
         for (int64_t t = 0; t < T; t++) {
             const T_ *xb = x + t * xs + b0;
             T_ *ob = out + t * os + b0;
-            for (int64_t j = 0; j < len; j++) {
-                T_ m = vb[j] + xb[j];
-                int pos = m >= th[j];
-                int neg = (m < thn[j]) & (cb[j] > (T_)0);
-                T_ o = pos ? th[j] : (neg ? -th[j] : (T_)0);
-                vb[j] = m - o;
-                cb[j] = cb[j] + (T_)(pos - neg);
-                ob[j] = o;
-            }
+            for (int64_t j = 0; j < len; j++) ob[j] = FN(dual_step)(vb + j, cb + j, xb[j], th[j], thn[j]);
         }
     }
 }
@@ -146,22 +151,9 @@ void FN(pool_run)(const T_ *x, int64_t xs, T_ *out, int64_t os, T_ *v, T_ *c, in
                         T_ *vp = vr + w * C + c0, *op = orow + (w / k) * C + c0;
                         if (cr) {
                             T_ *cp = cr + w * C + c0;
-                            for (int64_t j = 0; j < cl; j++) {
-                                T_ m = vp[j] + xp[j];
-                                int pos = m >= th[j];
-                                int neg = (m < thn[j]) & (cp[j] > (T_)0);
-                                T_ o = pos ? th[j] : (neg ? -th[j] : (T_)0);
-                                vp[j] = m - o;
-                                cp[j] = cp[j] + (T_)(pos - neg);
-                                op[j] = op[j] + o;
-                            }
+                            for (int64_t j = 0; j < cl; j++) op[j] = op[j] + FN(dual_step)(vp + j, cp + j, xp[j], th[j], thn[j]);
                         } else {
-                            for (int64_t j = 0; j < cl; j++) {
-                                T_ m = vp[j] + xp[j];
-                                T_ o = m >= th[j] ? th[j] : (T_)0;
-                                vp[j] = m - o;
-                                op[j] = op[j] + o;
-                            }
+                            for (int64_t j = 0; j < cl; j++) op[j] = op[j] + FN(if_step)(vp + j, xp[j], th[j]);
                         }
                     }
                 }
