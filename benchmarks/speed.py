@@ -12,26 +12,32 @@ Measured, all in one process with the same torch thread count, batch 256 of real
 warm-up, with the systems *interleaved* (each repetition times every system once, in turn), medians
 over repetitions:
 
-- images/s of the BN-folded ANN (``fold_batchnorm(trace(model))``; the faster of the contiguous and
-  channels-last layouts is the baseline),
-- images/s of eclsnn's SNN at each T (``snn.run(x, T)``, what ``eclsnn.simulate`` calls),
+- images/s of the BN-folded ANN (``fold_batchnorm(trace(model))``) of the ThresholdClip network and of
+  the same weights with ReLU, contiguous and channels-last; the fastest of the four is the baseline,
+- images/s of eclsnn's SNN at each T (``snn.run(x, T)``, what ``eclsnn.simulate`` calls), and at
+  ``--variant-steps`` the cumulative variants of :func:`eclsnn_variant` (reference path → fused
+  kernels → neuron+pool fusion → sub-batches; and the default without the constant first layer),
+  which say which trick bought what,
+- a sweep of the sub-batch size ``max_rows`` (``--rows``), from which its default is chosen,
 - images/s of SpikingJelly's SNN at each T in single-step mode (its documented loop: reset, call
   the network T times) and in multi-step mode (``functional.set_step_mode(net, "m")``, one call on the
   input repeated T times),
 - the ratio (SNN time at T) / (T × ANN time), each from times of the same repetition,
 - peak memory: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of a fresh subprocess per measurement
   (peak resident set size of the whole process, and its growth over the process after set-up),
-- training images/s with ReLU vs ThresholdClip (same model, batch 128, SGD, interleaved blocks of steps),
-- spike-for-spike check: eclsnn's multi-step ``snn.run(x, T)`` vs a plain single-step loop on the
-  trained network in float64.
+- training images/s with ReLU vs ThresholdClip (same model, batch 128, SGD, channels-last as the trainer
+  on CPU, interleaved blocks of steps), with the clip on the fused kernel and on the reference path,
+- spike-for-spike check: eclsnn's fast ``snn.run(x, T)`` vs a plain single-step loop on the PyTorch
+  reference path on the trained network in float64.
 
-Writes benchmarks/results/speed.{json,md}. The CPU is shared; absolute numbers move with its load,
-the side-by-side ratios much less.
+Writes benchmarks/results/speed.{json,md}. Absolute numbers move with the machine's load, the
+side-by-side ratios much less; run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -75,8 +81,8 @@ def build(epochs: int, calib_batches: int = 2):
     test, idx = load_split(data, "test", 0)
     x = next(iter(eval_loader(test, idx[:256], 256)))[0]
     calib = calibration_batches(data, 0, 256, calib_batches)
-    ann = fold_batchnorm(trace(model)).eval()
-    ann_cl = copy.deepcopy(ann).to(memory_format=torch.channels_last)
+    ann = {"clip": fold_batchnorm(trace(model)).eval(), "relu": fold_batchnorm(trace(relu_copy(model))).eval()}
+    ann_cl = {k: copy.deepcopy(v).to(memory_format=torch.channels_last) for k, v in ann.items()}
     snn = eclsnn.convert(model, neuron="dual", v_init=0.5)
     sj = None
     try:
@@ -111,12 +117,52 @@ def sj_multi(net, x, T):
     return out
 
 
-def make_calls(ann, ann_cl, snn, sj, x, steps):
+def eclsnn_variant(snn, x, T, variant: str):
+    """One way of running eclsnn's simulation, to attribute the speed to its tricks (cumulative):
+
+    - ``reference``: the PyTorch reference path (eager neuron loops), whole batch at once, first layer once;
+    - ``kernels``: + the fused C neuron kernels;
+    - ``fusion``: + each neuron layer fused with the average pooling after it;
+    - ``default``: + sub-batches of ``snn.max_rows`` rows (what ``eclsnn.simulate`` does);
+    - ``default, first layer T times``: the default without the constant-first-layer trick (the input fed
+      as a T-step sequence through ``snn(x_seq)``, sub-batched the same way).
+    """
+    rows, fuse = snn.max_rows, snn.fuse_pooling
+    try:
+        if variant == "reference":
+            snn.max_rows, snn.fuse_pooling = None, False
+            with eclsnn.kernels.reference_only():
+                return snn.run(x, T)
+        if variant == "kernels":
+            snn.max_rows, snn.fuse_pooling = None, False
+            return snn.run(x, T)
+        if variant == "fusion":
+            snn.max_rows = None
+            return snn.run(x, T)
+        if variant == "default, first layer T times":
+            chunk = max(1, (rows or x.shape[0] * T) // T)
+            return torch.cat([snn(xb.unsqueeze(0).expand(T, *xb.shape)) for xb in x.split(chunk)], 1)
+        return snn.run(x, T)
+    finally:
+        snn.max_rows, snn.fuse_pooling = rows, fuse
+
+
+ECL_VARIANTS = ("reference", "kernels", "fusion", "default, first layer T times", "default")
+
+
+def make_calls(ann, ann_cl, snn, sj, x, steps, variants=("default",), variant_steps=(8,)):
     """name -> (T or None, zero-argument callable)."""
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    calls = {"ANN (folded, contiguous)": (None, lambda: ann(x)), "ANN (folded, channels-last)": (None, lambda: ann_cl(x_cl))}
+    calls = {}
+    for act in ("clip", "relu"):
+        calls[f"ANN {act} (folded, contiguous)"] = (None, lambda a=ann[act]: a(x))
+        calls[f"ANN {act} (folded, channels-last)"] = (None, lambda a=ann_cl[act]: a(x_cl))
     for T in steps:
         calls[f"eclsnn dual T={T}"] = (T, lambda T=T: snn.run(x, T))
+        if T in variant_steps:
+            for v in variants:
+                if v != "default":
+                    calls[f"eclsnn dual T={T} [{v}]"] = (T, lambda T=T, v=v: eclsnn_variant(snn, x, T, v))
     if sj is not None:
         from spikingjelly.activation_based import functional
 
@@ -126,6 +172,23 @@ def make_calls(ann, ann_cl, snn, sj, x, steps):
             calls[f"SJ single-step T={T}"] = (T, lambda T=T: sj_single(sj, x, T))
             calls[f"SJ multi-step T={T}"] = (T, lambda T=T: sj_multi(sj_m, x, T))
     return calls
+
+
+def rows_sweep(snn, x, rows_list, steps, reps, log) -> dict:
+    """Seconds per batch of snn.run at each sub-batch size (interleaved), to choose the default max_rows."""
+    default = snn.max_rows
+
+    def call(r, T):
+        snn.max_rows = r
+        try:
+            return snn.run(x, T)
+        finally:
+            snn.max_rows = default
+
+    calls = {f"rows={r} T={T}": (T, lambda r=r, T=T: call(r, T)) for T in steps for r in rows_list}
+    times = time_interleaved(calls, reps, 1, log)
+    return {"rows": rows_list, "steps": steps, "default": default,
+            "median_s": {k: statistics.median(v) for k, v in times.items()}}
 
 
 # ---- timing --------------------------------------------------------------------------------------
@@ -168,7 +231,7 @@ def maxrss_mib() -> float:
 def mem_child(system: str, T: int, epochs: int, threads: int) -> None:
     torch.set_num_threads(threads)
     run, model, ann, ann_cl, snn, sj, x = build(epochs)
-    key = {"ann": "ANN (folded, contiguous)", "ecl": f"eclsnn dual T={T}", "sjs": f"SJ single-step T={T}",
+    key = {"ann": "ANN relu (folded, channels-last)", "ecl": f"eclsnn dual T={T}", "sjs": f"SJ single-step T={T}",
            "sjm": f"SJ multi-step T={T}"}[system]
     calls = make_calls(ann, ann_cl, snn, sj, x, [T])  # closures only: nothing runs until called
     before = maxrss_mib()
@@ -204,10 +267,12 @@ def training_speed(threads: int, steps_per_block: int, blocks: int, log) -> dict
     batches = []
     for xb, yb in eval_loader(train, idx[: 128 * steps_per_block], 128):
         batches.append((xb, yb))
+    batches = [(xb.contiguous(memory_format=torch.channels_last), yb) for xb, yb in batches]  # as the trainer on CPU
     models = {}
-    for act in ("relu", "clip"):
+    for act in ("relu", "clip", "clip (reference path)"):
         torch.manual_seed(0)
-        m = create("cnn-fmnist", 10, activation=act, levels=4, init_threshold=2.0).train()
+        m = create("cnn-fmnist", 10, activation=act.split(" ")[0], levels=4, init_threshold=2.0).train()
+        m.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         models[act] = (m, opt)
     loss_fn = nn.CrossEntropyLoss()
@@ -215,39 +280,46 @@ def training_speed(threads: int, steps_per_block: int, blocks: int, log) -> dict
     def step(act, xb, yb):
         m, opt = models[act]
         opt.zero_grad(set_to_none=True)
-        loss_fn(m(xb), yb).backward()
+        with (eclsnn.kernels.reference_only() if "reference" in act else contextlib.nullcontext()):
+            loss_fn(m(xb), yb).backward()
         opt.step()
 
     for act in models:  # warm-up
         for xb, yb in batches[:3]:
             step(act, xb, yb)
     rates = {a: [] for a in models}
+    names = list(models)
     for b in range(blocks):
-        for act in (("relu", "clip") if b % 2 == 0 else ("clip", "relu")):
+        for act in (names if b % 2 == 0 else names[::-1]):
             t = time.perf_counter()
             for xb, yb in batches:
                 step(act, xb, yb)
             rates[act].append(128 * len(batches) / (time.perf_counter() - t))
-        log(f"training block {b + 1}/{blocks}: relu {rates['relu'][-1]:.0f} img/s, clip {rates['clip'][-1]:.0f} img/s")
+        log(f"training block {b + 1}/{blocks}: " + ", ".join(f"{a} {rates[a][-1]:.0f} img/s" for a in names))
     ratios = [r / c for r, c in zip(rates["relu"], rates["clip"])]
+    ref_ratios = [r / c for r, c in zip(rates["relu"], rates["clip (reference path)"])]
     return {"batch_size": 128, "steps_per_block": len(batches), "blocks": blocks, "images_per_s": rates,
             "median_images_per_s": {a: statistics.median(v) for a, v in rates.items()},
-            "clip_time_over_relu_time_per_block": ratios, "median_clip_over_relu": statistics.median(ratios)}
+            "clip_time_over_relu_time_per_block": ratios, "median_clip_over_relu": statistics.median(ratios),
+            "median_reference_clip_over_relu": statistics.median(ref_ratios)}
 
 
 # ---- spike-for-spike check ---------------------------------------------------------------------------
 
 @torch.no_grad()
 def spike_for_spike(model: nn.Module, x: torch.Tensor, T: int = 16) -> dict:
-    """eclsnn's multi-step simulation vs a plain single-step loop on the trained network (float64):
-    readouts at every step and every neuron's spike train must be identical."""
+    """eclsnn's fast multi-step simulation (C kernels, neuron+pool fusion, sub-batches) vs a plain
+    single-step loop on the PyTorch reference path, on the trained network in float64: the readouts at
+    every step and every neuron's spike train must be identical."""
     out = {}
     for neuron in ("dual", "if"):
         snn = eclsnn.convert(model.double(), neuron=neuron, v_init=0.5)
+        snn.max_rows = max(T, (snn.max_rows or T) // 4)  # several sub-batches even for this small batch
         xd = x.double()
+        fast = snn.run(xd, T)  # the default fast path
         spikes_multi, spikes_single = {}, {}
-        # run() calls each neuron's multi_step() directly (no forward hooks), so record by wrapping
-        # the instances' step methods.
+        # run() calls each neuron's multi_step() directly (no forward hooks), so record by wrapping the
+        # instances' step methods (a wrapped multi_step also turns the pool fusion off for that layer).
         for name, neuron_mod in snn.neurons():
             for meth, store in (("multi_step", spikes_multi), ("single_step", spikes_single)):
                 def wrapped(inp, _orig=getattr(neuron_mod, meth), _store=store, _name=name):
@@ -255,17 +327,19 @@ def spike_for_spike(model: nn.Module, x: torch.Tensor, T: int = 16) -> dict:
                     _store.setdefault(_name, []).append(o.clone())
                     return o
                 setattr(neuron_mod, meth, wrapped)
+        snn.max_rows = None
         multi = snn.run(xd, T)
-        snn.set_step_mode("single")
-        single = torch.stack([snn(xd) for _ in range(T)])
-        snn.set_step_mode("multi")
+        with eclsnn.kernels.reference_only():
+            snn.set_step_mode("single")
+            single = torch.stack([snn(xd) for _ in range(T)])
+            snn.set_step_mode("multi")
         same_spikes = len(spikes_multi) == len(spikes_single) > 0 and all(
             torch.equal(spikes_multi[n][0].reshape(T, *spikes_single[n][0].shape), torch.stack(spikes_single[n]))
             for n in spikes_multi)
         nspikes = sum(int((torch.stack(v).abs() > 0).sum()) for v in spikes_single.values())
-        out[neuron] = {"T": T, "batch": x.shape[0], "readout_equal": bool(torch.equal(multi, single)),
+        out[neuron] = {"T": T, "batch": x.shape[0], "readout_equal": bool(torch.equal(fast, single) and torch.equal(multi, single)),
                        "all_spike_trains_equal": bool(same_spikes), "nonzero_spike_events": nspikes,
-                       "max_abs_readout_diff": float((multi - single).abs().max())}
+                       "max_abs_readout_diff": float((fast - single).abs().max())}
     model.float()
     return out
 
@@ -274,7 +348,7 @@ def spike_for_spike(model: nn.Module, x: torch.Tensor, T: int = 16) -> dict:
 
 def summarise(times: dict, calls: dict, steps: list[int], batch: int) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
-    ann_key = min(("ANN (folded, contiguous)", "ANN (folded, channels-last)"), key=lambda k: med[k])
+    ann_key = min((k for k in med if k.startswith("ANN ")), key=lambda k: med[k])  # the fastest ANN form
     rows = {}
     for k, (T, _) in calls.items():
         row = {"T": T, "median_s": med[k], "images_per_s": batch / med[k], "times_s": times[k]}
@@ -301,9 +375,10 @@ def write_md(path: Path, res: dict) -> None:
          f"Same trained network (ThresholdClip L=4, seed 0; SpikingJelly gets the same weights with ReLU), batch "
          f"{m['batch']} of test images, {m['threads']} torch threads for both libraries, {m['warmup']} warm-up "
          f"rounds, {m['reps']} interleaved repetitions (medians). torch {m['torch']}, SpikingJelly {m['spikingjelly']}, "
-         f"{m['cpu']}. The CPU is shared with other jobs and this ran under `nice -n 19`: compare the ratios "
-         "(measured side by side in the same repetition), not the absolute images/s.\n",
-         f"ANN baseline for the ratio: **{s['ann_baseline']}**.\n",
+         f"{m['cpu']}. {m.get('machine_note', '')} Ratios are taken within one repetition (side by side), then "
+         "the median over repetitions.\n",
+         f"ANN baseline for the ratio: **{s['ann_baseline']}** (the fastest of the four BN-folded ANN forms: the "
+         "ThresholdClip network and the same weights with ReLU, each contiguous and channels-last).\n",
          "| system | T | images/s | (SNN time) ÷ (T × ANN time) |", "|---|---|---|---|"]
     for k, r in s["rows"].items():
         ratio = f"{r['ratio_vs_T_ann']:.2f}" if "ratio_vs_T_ann" in r else "–"
@@ -315,6 +390,39 @@ def write_md(path: Path, res: dict) -> None:
         L.append("|---|---|---|")
         for T, v in s["fastest_sj"].items():
             L.append(f"| {T} | {v['mode']} | {v['eclsnn_speedup']:.2f}× |")
+        L.append("")
+    variants = {k: r for k, r in s["rows"].items() if "[" in k}
+    if variants:
+        L.append("## Which trick bought what\n")
+        L.append("eclsnn's dual-threshold SNN run in cumulative variants (`eclsnn_variant` in this script), same "
+                 "repetitions. 'reference' is the PyTorch reference path: eager neuron loops, whole batch at once, "
+                 "first layer computed once (the state before the fused kernels).\n")
+        L.append("| T | variant | images/s | (SNN time) ÷ (T × ANN time) | speed-up over the previous row |")
+        L.append("|---|---|---|---|---|")
+        for T in sorted({r["T"] for r in variants.values()}):
+            order = [f"eclsnn dual T={T} [{v}]" for v in ECL_VARIANTS if v != "default"] + [f"eclsnn dual T={T}"]
+            prev = None
+            for k in order:
+                if k not in s["rows"]:
+                    continue
+                r = s["rows"][k]
+                name = k.split("[", 1)[1].rstrip("]") if "[" in k else "default (all tricks)"
+                gain = f"{prev / r['median_s']:.2f}×" if prev else "–"
+                if "first layer T times" in name:
+                    gain = "– (not cumulative)"
+                L.append(f"| {T} | {name} | {r['images_per_s']:.0f} | {r['ratio_vs_T_ann']:.2f} | {gain} |")
+                if "first layer T times" not in name:
+                    prev = r["median_s"]
+        L.append("")
+    if res.get("rows_sweep"):
+        rs = res["rows_sweep"]
+        L.append("## Sub-batch size (`SpikingNetwork.max_rows`)\n")
+        L.append(f"Median seconds per batch of {m['batch']} for each `max_rows` (rows = steps × samples simulated "
+                 f"at once), interleaved; the default is {rs['default']}.\n")
+        L.append("| T | " + " | ".join(f"rows={r}" for r in rs["rows"]) + " |")
+        L.append("|---|" + "---|" * len(rs["rows"]))
+        for T in rs["steps"]:
+            L.append(f"| {T} | " + " | ".join(f"{rs['median_s'][f'rows={r} T={T}'] * 1e3:.1f} ms" for r in rs["rows"]) + " |")
         L.append("")
     if res.get("memory"):
         L.append("## Peak memory\n")
@@ -342,14 +450,18 @@ def write_md(path: Path, res: dict) -> None:
             L.append(f"| {a} | {t['median_images_per_s'][a]:.0f} | {', '.join(f'{x:.0f}' for x in v)} |")
         L.append("")
         L.append(f"ThresholdClip step time ÷ ReLU step time: **{t['median_clip_over_relu']:.3f}** (median over blocks; "
-                 f"per block {', '.join(f'{x:.3f}' for x in t['clip_time_over_relu_time_per_block'])}). Target ≤ 1.15.\n")
+                 f"per block {', '.join(f'{x:.3f}' for x in t['clip_time_over_relu_time_per_block'])}). Target ≤ 1.15. "
+                 + (f"On the PyTorch reference path (no fused clip kernel): {t['median_reference_clip_over_relu']:.3f}.\n"
+                    if "median_reference_clip_over_relu" in t else "\n"))
         if t.get("epoch_seconds_from_runs"):
             L.append("Per-epoch seconds of the benchmark's own training runs (not interleaved, shared CPU, for reference): "
                      + "; ".join(f"{k}: {', '.join(f'{x:.0f}' for x in v)}" for k, v in t["epoch_seconds_from_runs"].items()) + "\n")
     if res.get("spike_for_spike"):
         L.append("## Spike-for-spike check (float64)\n")
-        L.append("eclsnn's multi-step `snn.run(x, T)` vs a plain single-step loop (`snn.set_step_mode('single')`, "
-                 "`snn(x)` T times) on the trained network, every neuron layer's output recorded by wrapping its step methods (run() calls them directly, so forward hooks would miss them).\n")
+        L.append("eclsnn's fast multi-step `snn.run(x, T)` (C kernels, neuron+pool fusion, sub-batches) vs a plain "
+                 "single-step loop on the PyTorch reference path (`snn.set_step_mode('single')`, `snn(x)` T times, "
+                 "inside `eclsnn.kernels.reference_only()`) on the trained network; every neuron layer's output recorded "
+                 "by wrapping its step methods (run() calls them directly, so forward hooks would miss them).\n")
         L.append("| neuron | T | batch | readout identical | all spike trains identical | non-zero spike events | max |Δreadout| |")
         L.append("|---|---|---|---|---|---|---|")
         for n, r in res["spike_for_spike"].items():
@@ -376,7 +488,13 @@ def main() -> None:
     ap.add_argument("--mem-steps", type=int, nargs="*", default=[1, 8, 16])
     ap.add_argument("--train-steps", type=int, default=20, help="training steps per interleaved block")
     ap.add_argument("--train-blocks", type=int, default=6)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["sim", "memory", "training", "spikes"])
+    ap.add_argument("--variants", nargs="*", default=list(ECL_VARIANTS), choices=list(ECL_VARIANTS),
+                    help="eclsnn variants timed at --variant-steps to attribute the speed to each trick")
+    ap.add_argument("--variant-steps", type=int, nargs="*", default=[2, 8])
+    ap.add_argument("--rows", type=int, nargs="*", default=[128, 256, 512, 1024, 2048],
+                    help="max_rows values of the sub-batch sweep (empty: no sweep)")
+    ap.add_argument("--machine-note", default="", help="a sentence about the machine's load, printed in the report")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["sim", "memory", "training", "spikes", "rows"])
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--mem-child", nargs=2, metavar=("SYSTEM", "T"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -406,8 +524,10 @@ def main() -> None:
         previous = json.loads((args.out / "speed.json").read_text())
     res = {"meta": {"command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]), "threads": torch.get_num_threads(),
                     "batch": x.shape[0], "reps": args.reps, "warmup": args.warmup, "torch": torch.__version__,
-                    "spikingjelly": sj_version, "cpu": cpu, "run": str(run)}}
-    for part in ("simulation", "spike_for_spike", "memory", "training"):
+                    "spikingjelly": sj_version, "cpu": cpu, "run": str(run), "machine_note": args.machine_note,
+                    "kernels": {"available": eclsnn.kernels.available(), "openmp": eclsnn.kernels.openmp()},
+                    "max_rows": snn.max_rows}}
+    for part in ("simulation", "spike_for_spike", "memory", "training", "rows_sweep"):
         if part in previous:
             res[part] = previous[part]
     if "simulation" in previous:  # the timing settings that the kept simulation table was measured with
@@ -416,9 +536,12 @@ def main() -> None:
     if previous:
         res["meta"]["earlier_commands"] = previous["meta"].get("earlier_commands", []) + [previous["meta"]["command"]]
     if "sim" not in args.skip:
-        calls = make_calls(ann, ann_cl, snn, sj, x, args.steps)
+        calls = make_calls(ann, ann_cl, snn, sj, x, args.steps, args.variants, args.variant_steps)
         times = time_interleaved(calls, args.reps, args.warmup, log)
         res["simulation"] = summarise(times, calls, args.steps, x.shape[0])
+        write_json(args.out / "speed.json", res)
+    if "rows" not in args.skip and args.rows:
+        res["rows_sweep"] = rows_sweep(snn, x, args.rows, [2, 8, 16], args.reps, log)
         write_json(args.out / "speed.json", res)
     if "spikes" not in args.skip:
         res["spike_for_spike"] = spike_for_spike(model, x[:64], 16)

@@ -175,15 +175,20 @@ def test_clip_kernel_forward_and_gradients_match_the_reference(dtype, shape, lay
     assert (gl_ref.double() - lam64.grad).abs().max().item() <= tol
 
 
-def test_clip_kernel_gradient_is_independent_of_the_thread_count():
-    z = torch.randn(64, 32, 28, 28).contiguous(memory_format=torch.channels_last) * 2
+@pytest.mark.parametrize("per_channel,layout", [(False, "channels_last"), (True, "channels_last"), (True, "contiguous")])
+def test_clip_kernel_gradient_is_independent_of_the_thread_count(per_channel, layout):
+    z = torch.randn(64, 32, 28, 28) * 2
+    if layout == "channels_last":
+        z = z.contiguous(memory_format=torch.channels_last)
     grad = torch.randn_like(z)
     before = torch.get_num_threads()
     grads = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            lam = torch.tensor(1.1, requires_grad=True)
+            lam = (torch.rand(32, generator=torch.Generator().manual_seed(0)) + 0.5).view(32, 1, 1) if per_channel \
+                else torch.tensor(1.1)
+            lam.requires_grad_(True)
             SF.threshold_clip(z, lam, 4).backward(grad)
             grads.append(lam.grad.clone())
     finally:

@@ -184,65 +184,121 @@ static inline T_ FN(dlam)(T_ z, T_ l, T_ a, T_ s, T_ il, T_ sh, int64_t levels) 
     return (FLOOR(cc * a + sh) * s - cc) * il + up;
 }
 
-void FN(clip_fwd)(const T_ *z, T_ *h, int64_t n, const T_ *lam, int64_t C, int64_t inner, int64_t levels,
-                  double shift, int nthreads) {
+/* Scalar λ. */
+void FN(clip_fwd)(const T_ *z, T_ *h, int64_t n, const T_ *lam, int64_t levels, double shift, int nthreads) {
     const T_ L = (T_)levels, sh = (T_)shift;
     const int64_t nb = (n + BLOCK - 1) / BLOCK;
     PARALLEL_FOR
     for (int64_t bi = 0; bi < nb; bi++) {
         const int64_t b0 = bi * BLOCK, b1 = n - b0 < BLOCK ? n : b0 + BLOCK;
-        if (C == 1) {
-            const T_ l = lam[0], a = ((T_)1 / l) * L, s = l / L;
-            if (levels)
-                for (int64_t i = b0; i < b1; i++) h[i] = FLOOR(FN(clamp)(z[i], l) * a + sh) * s;
-            else
-                for (int64_t i = b0; i < b1; i++) h[i] = FN(clamp)(z[i], l);
-        } else {
-            T_ lb[BLOCK];
-            FN(fill_theta)(lb, lam, C, inner, b0, b1 - b0);
-            for (int64_t i = b0; i < b1; i++) {
-                T_ l = lb[i - b0];
-                h[i] = levels ? FLOOR(FN(clamp)(z[i], l) * (((T_)1 / l) * L) + sh) * (l / L) : FN(clamp)(z[i], l);
-            }
-        }
+        const T_ l = lam[0], a = ((T_)1 / l) * L, s = l / L;
+        if (levels)
+            for (int64_t i = b0; i < b1; i++) h[i] = FLOOR(FN(clamp)(z[i], l) * a + sh) * s;
+        else
+            for (int64_t i = b0; i < b1; i++) h[i] = FN(clamp)(z[i], l);
     }
 }
 
-/* gz = g where 0 < z < λ (hardtanh_backward's test for a scalar λ), else 0; gz may be NULL. With
- * want_lam, Σ g·dλ goes to partial[(i / chunk)·C + channel] (double): for a scalar λ each chunk is
- * summed by one thread in LANES running sums of the tensor's type (chunk / LANES terms each), the lanes
- * added in double; so the result does not depend on how many threads ran. */
-void FN(clip_bwd)(const T_ *g, const T_ *z, T_ *gz, double *partial, int64_t n, int64_t chunk,
-                  const T_ *lam, int64_t C, int64_t inner, int64_t levels, double shift, int want_lam,
-                  int nthreads) {
+/* Per-channel λ: n = outer·C·inner elements; channels-last and [B, F] have inner = 1 (the channel is
+ * the fastest index, so a row of C values is vectorised against a row of λ), NCHW has inner = H·W
+ * (one λ per plane). */
+void FN(clip_fwd_pc)(const T_ *z, T_ *h, int64_t n, const T_ *lam, int64_t C, int64_t inner, int64_t levels,
+                     double shift, int nthreads) {
     const T_ L = (T_)levels, sh = (T_)shift;
+    if (inner == 1) {
+        const int64_t rows = n / C;
+        PARALLEL_FOR
+        for (int64_t r = 0; r < rows; r++) {
+            const T_ *zr = z + r * C;
+            T_ *hr = h + r * C;
+            if (levels)
+                for (int64_t c = 0; c < C; c++)
+                    hr[c] = FLOOR(FN(clamp)(zr[c], lam[c]) * (((T_)1 / lam[c]) * L) + sh) * (lam[c] / L);
+            else
+                for (int64_t c = 0; c < C; c++) hr[c] = FN(clamp)(zr[c], lam[c]);
+        }
+        return;
+    }
+    const int64_t planes = n / inner;
+    PARALLEL_FOR
+    for (int64_t p = 0; p < planes; p++) {
+        const T_ l = lam[p % C], a = ((T_)1 / l) * L, s = l / L;
+        const T_ *zp = z + p * inner;
+        T_ *hp = h + p * inner;
+        if (levels)
+            for (int64_t i = 0; i < inner; i++) hp[i] = FLOOR(FN(clamp)(zp[i], l) * a + sh) * s;
+        else
+            for (int64_t i = 0; i < inner; i++) hp[i] = FN(clamp)(zp[i], l);
+    }
+}
+
+void FN(clip_bwd)(const T_ *g, const T_ *z, T_ *gz, double *partial, int64_t n, int64_t chunk, const T_ *lam,
+                  int64_t levels, double shift, int want_lam, int nthreads) {
+    const T_ L = (T_)levels, sh = (T_)shift;
+    const T_ l = lam[0], a = ((T_)1 / l) * L, s = l / L, il = (T_)1 / l;
     const int64_t nc = (n + chunk - 1) / chunk;
     PARALLEL_FOR
     for (int64_t ci = 0; ci < nc; ci++) {
         const int64_t c0 = ci * chunk, c1 = n - c0 < chunk ? n : c0 + chunk;
-        if (C == 1) {
-            const T_ l = lam[0], a = ((T_)1 / l) * L, s = l / L, il = (T_)1 / l;
-            int64_t i = c0;
-            if (gz)
-                for (int64_t q = c0; q < c1; q++) gz[q] = (z[q] <= (T_)0 || z[q] >= l) ? (T_)0 : g[q];
-            if (!want_lam) continue;
-            T_ acc[LANES] = {0};
-            double total = 0;
-            for (; i + LANES <= c1; i += LANES)
-                for (int q = 0; q < LANES; q++) acc[q] += g[i + q] * FN(dlam)(z[i + q], l, a, s, il, sh, levels);
-            for (; i < c1; i++) acc[0] += g[i] * FN(dlam)(z[i], l, a, s, il, sh, levels);
-            for (int q = 0; q < LANES; q++) total += (double)acc[q];
-            partial[ci] += total;
-        } else {
-            double *row = partial + ci * C;
-            for (int64_t i = c0; i < c1; i++) {
-                const int64_t ch = (i / inner) % C;
-                const T_ l = lam[ch], zz = z[i];
-                if (gz) gz[i] = (zz > (T_)0 && zz < l) ? g[i] : (T_)0;
+        int64_t i = c0;
+        if (gz)
+            for (int64_t q = c0; q < c1; q++) gz[q] = (z[q] <= (T_)0 || z[q] >= l) ? (T_)0 : g[q];
+        if (!want_lam) continue;
+        T_ acc[LANES] = {0};
+        double total = 0;
+        for (; i + LANES <= c1; i += LANES)
+            for (int q = 0; q < LANES; q++) acc[q] += g[i + q] * FN(dlam)(z[i + q], l, a, s, il, sh, levels);
+        for (; i < c1; i++) acc[0] += g[i] * FN(dlam)(z[i], l, a, s, il, sh, levels);
+        for (int q = 0; q < LANES; q++) total += (double)acc[q];
+        partial[ci] += total;
+    }
+}
+
+/* Per-channel λ (layout as clip_fwd_pc): gz = g where 0 < z < λ, else 0. The λ-gradient goes to
+ * partial[unit·C + channel], a unit being `rows_per_unit` rows of C values (inner = 1) or one plane
+ * (inner > 1), summed by one thread each: independent of the thread count. */
+void FN(clip_bwd_pc)(const T_ *g, const T_ *z, T_ *gz, double *partial, int64_t n, int64_t rows_per_unit,
+                     const T_ *lam, int64_t C, int64_t inner, int64_t levels, double shift, int want_lam,
+                     int nthreads) {
+    const T_ L = (T_)levels, sh = (T_)shift;
+    if (inner == 1) {
+        const int64_t rows = n / C, units = (rows + rows_per_unit - 1) / rows_per_unit;
+        PARALLEL_FOR
+        for (int64_t u = 0; u < units; u++) {
+            const int64_t r0 = u * rows_per_unit, r1 = rows - r0 < rows_per_unit ? rows : r0 + rows_per_unit;
+            double *row = partial + u * C;
+            for (int64_t r = r0; r < r1; r++) {
+                const T_ *gr = g + r * C, *zr = z + r * C;
+                if (gz) {
+                    T_ *or_ = gz + r * C;
+                    for (int64_t c = 0; c < C; c++) or_[c] = (zr[c] > (T_)0 && zr[c] < lam[c]) ? gr[c] : (T_)0;
+                }
                 if (want_lam)
-                    row[ch] += (double)g[i] * (double)FN(dlam)(zz, l, ((T_)1 / l) * L, l / L, (T_)1 / l, sh, levels);
+                    for (int64_t c = 0; c < C; c++)
+                        row[c] += (double)(gr[c] * FN(dlam)(zr[c], lam[c], ((T_)1 / lam[c]) * L, lam[c] / L,
+                                                            (T_)1 / lam[c], sh, levels));
             }
         }
+        return;
+    }
+    const int64_t planes = n / inner;
+    PARALLEL_FOR
+    for (int64_t p = 0; p < planes; p++) {
+        const T_ l = lam[p % C], a = ((T_)1 / l) * L, s = l / L, il = (T_)1 / l;
+        const T_ *gp = g + p * inner, *zp = z + p * inner;
+        if (gz) {
+            T_ *op = gz + p * inner;
+            for (int64_t i = 0; i < inner; i++) op[i] = (zp[i] > (T_)0 && zp[i] < l) ? gp[i] : (T_)0;
+        }
+        if (!want_lam) continue;
+        T_ acc[LANES] = {0};
+        double total = 0;
+        int64_t i = 0;
+        for (; i + LANES <= inner; i += LANES)
+            for (int q = 0; q < LANES; q++) acc[q] += gp[i + q] * FN(dlam)(zp[i + q], l, a, s, il, sh, levels);
+        for (; i < inner; i++) acc[0] += gp[i] * FN(dlam)(zp[i], l, a, s, il, sh, levels);
+        for (int q = 0; q < LANES; q++) total += (double)acc[q];
+        partial[p] += total;  /* unit = plane p = (outer, channel): partial[outer·C + channel] */
     }
 }
 

@@ -127,8 +127,10 @@ _SIGNATURES = {
     "if_run": [_P, _I, _P, _I, _P, _I, _I, _P, _I, _I, _N],
     "dual_run": [_P, _I, _P, _I, _P, _P, _I, _I, _P, _I, _I, _D, _N],
     "pool_run": [_P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _P, _I, _D, _N],
-    "clip_fwd": [_P, _P, _I, _P, _I, _I, _I, _D, _N],
-    "clip_bwd": [_P, _P, _P, _P, _I, _I, _P, _I, _I, _I, _D, _N, _N],
+    "clip_fwd": [_P, _P, _I, _P, _I, _D, _N],
+    "clip_fwd_pc": [_P, _P, _I, _P, _I, _I, _I, _D, _N],
+    "clip_bwd": [_P, _P, _P, _P, _I, _I, _P, _I, _D, _N, _N],
+    "clip_bwd_pc": [_P, _P, _P, _P, _I, _I, _P, _I, _I, _I, _D, _N, _N],
 }
 
 
@@ -305,10 +307,13 @@ def clip_forward(z: torch.Tensor, lam: torch.Tensor, levels: int | None, shift: 
     lib = _load()
     h = torch.empty_like(z)
     th, nth = _theta_arg(lam, z.dtype)
-    C, inner = _channels(z) if nth > 1 else (1, 1)
-    n = z.numel()
-    getattr(lib, f"clip_fwd_{_suffix(z)}")(z.data_ptr(), h.data_ptr(), n, th.data_ptr(), C, inner, int(levels or 0),
-                                          float(shift), _threads(n))
+    n, sfx, L = z.numel(), _suffix(z), int(levels or 0)
+    if nth == 1:
+        getattr(lib, f"clip_fwd_{sfx}")(z.data_ptr(), h.data_ptr(), n, th.data_ptr(), L, float(shift), _threads(n))
+    else:
+        C, inner = _channels(z)
+        getattr(lib, f"clip_fwd_pc_{sfx}")(z.data_ptr(), h.data_ptr(), n, th.data_ptr(), C, inner, L, float(shift),
+                                           _threads(n))
     return h
 
 
@@ -316,19 +321,26 @@ def clip_backward(grad: torch.Tensor, z: torch.Tensor, lam: torch.Tensor, levels
                   want_z: bool, want_lam: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dL/dz, dL/dλ) of :func:`clip_forward` with the straight-through gradient of
     :class:`eclsnn.functional._ThresholdClipFn`; ``grad`` must have the layout of ``z``. dL/dλ is
-    ``[C]`` (or a 0-dim tensor) in float64, summed in a fixed order."""
+    ``[C]`` (or a 0-dim tensor) in float64, summed in a fixed order that does not depend on the threads."""
     lib = _load()
-    n = z.numel()
+    n, sfx, L = z.numel(), _suffix(z), int(levels or 0)
     th, nth = _theta_arg(lam, z.dtype)
-    C, inner = _channels(z) if nth > 1 else (1, 1)
     gz = torch.empty_like(z) if want_z else None
-    chunks = -(-n // _CLIP_CHUNK)
-    partial = torch.zeros(chunks * C, dtype=torch.float64) if want_lam else torch.zeros(1, dtype=torch.float64)
-    getattr(lib, f"clip_bwd_{_suffix(z)}")(grad.data_ptr(), z.data_ptr(), gz.data_ptr() if gz is not None else None,
-                                          partial.data_ptr(), n, _CLIP_CHUNK, th.data_ptr(), C, inner, int(levels or 0),
-                                          float(shift), int(want_lam), _threads(n))
+    gp, zp, op, lp = grad.data_ptr(), z.data_ptr(), gz.data_ptr() if gz is not None else None, th.data_ptr()
+    if nth == 1:
+        units, C = -(-n // _CLIP_CHUNK), 1
+        partial = torch.zeros(units if want_lam else 1, dtype=torch.float64)
+        getattr(lib, f"clip_bwd_{sfx}")(gp, zp, op, partial.data_ptr(), n, _CLIP_CHUNK, lp, L, float(shift),
+                                        int(want_lam), _threads(n))
+    else:
+        C, inner = _channels(z)
+        rows_per_unit = max(1, _CLIP_CHUNK // C)
+        units = -(-(n // C) // rows_per_unit) if inner == 1 else n // (C * inner)
+        partial = torch.zeros(units * C if want_lam else 1, dtype=torch.float64)
+        getattr(lib, f"clip_bwd_pc_{sfx}")(gp, zp, op, partial.data_ptr(), n, rows_per_unit, lp, C, inner, L,
+                                           float(shift), int(want_lam), _threads(n))
     glam = None
     if want_lam:
-        glam = partial.view(chunks, C).sum(0)
+        glam = partial.view(units, C).sum(0)
         glam = glam.reshape(()) if nth == 1 else glam
     return gz, glam
