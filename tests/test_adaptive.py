@@ -54,3 +54,32 @@ def test_bad_arguments(snn):
         simulate_adaptive(snn, torch.randn(2, 1, 8, 8), 0, 1.0)
     with pytest.raises(SimulationError):
         simulate_adaptive(snn, torch.randn(2, 1, 8, 8), 4, float("nan"))
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 8])
+def test_blocks_and_sub_batches_stop_every_sample_at_the_same_step(snn, block):
+    """Simulating in blocks (state carried between runs, finished samples removed after each block)
+    stops each sample exactly where a step-by-step loop would, whatever the block and sub-batch size."""
+    x = torch.randn(50, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    fixed = simulate(snn, x, 8)
+    rows = snn.max_rows
+    try:
+        for max_rows in (None, 24):
+            snn.max_rows = max_rows
+            logits, steps = simulate_adaptive(snn, x, 8, margin=0.5, block=block)
+            ref_logits, ref_steps = simulate_adaptive(snn, x, 8, margin=0.5, block=1)
+            assert torch.equal(steps, ref_steps)
+            torch.testing.assert_close(logits, fixed[steps - 1, torch.arange(50)], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    finally:
+        snn.max_rows = rows
+    assert (steps < 8).any() and (steps > 1).any()
+
+
+def test_carried_state_continues_a_run(snn):
+    """run(x, a) then run(x, b, carry_state=True) is run(x, a + b) split in two."""
+    x = torch.randn(6, 1, 8, 8)
+    whole = snn.run(x, 7)
+    first = snn.run(x, 3)
+    second = snn.run(x, 4, carry_state=True)
+    torch.testing.assert_close(torch.cat([first, second]), whole, rtol=0, atol=0)

@@ -20,11 +20,11 @@ from .errors import SimulationError
 from .neurons import DualThresholdIFNeuron
 from .simulate import SpikingNetwork, _check_input, _check_network, check_time_steps
 
-__all__ = ["simulate_adaptive", "evaluate_adaptive", "calibrate_margin", "AdaptiveResult"]
+__all__ = ["simulate_adaptive", "evaluate_adaptive", "calibrate_margin", "AdaptiveResult", "DEFAULT_BLOCK"]
 
 
 def _keep_rows(snn: SpikingNetwork, keep: torch.Tensor) -> None:
-    """Drop finished samples from every neuron's state (single-step mode)."""
+    """Drop finished samples from every neuron's state."""
     for _, neuron in snn.neurons():
         if neuron.v is not None:
             neuron.v = neuron.v[keep]
@@ -32,51 +32,80 @@ def _keep_rows(snn: SpikingNetwork, keep: torch.Tensor) -> None:
             neuron.count = neuron.count[keep]
 
 
+#: steps simulated per block by :func:`simulate_adaptive` (chosen by ``benchmarks/adaptive_latency.py``)
+DEFAULT_BLOCK = 4
+
+
 @torch.no_grad()
-def simulate_adaptive(snn: SpikingNetwork, x: torch.Tensor, max_steps: int, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+def simulate_adaptive(snn: SpikingNetwork, x: torch.Tensor, max_steps: int, margin: float,
+                      block: int = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Run each sample until the margin between its two largest mean logits exceeds ``margin`` (or
     ``max_steps``). Returns ``(mean logits at the stopping step [B, classes], steps used [B])``.
+
+    The steps are simulated in blocks of ``block`` on the fast multi-step path, the neuron state carried
+    from block to block (``SpikingNetwork.run(..., carry_state=True)``); after each block the samples
+    that stopped in it — at the first step whose margin exceeds the bound, exactly as a step-by-step
+    loop would stop them — leave the batch, input and neuron state alike. A sample that stops inside a
+    block has computed the rest of that block in vain: ``block=1`` wastes nothing but runs the network
+    once per step; larger blocks run faster per step.
 
     ``margin=inf`` is the fixed-T simulation (every sample runs ``max_steps`` steps).
     """
     snn = _check_network(snn)
     T = check_time_steps(max_steps)
+    k = check_time_steps(block)
     x = _check_input(x)
     if not margin >= 0:
         raise SimulationError(f"margin must be a non-negative number, got {margin!r}")
     param = next(snn.parameters(), None)
     if param is not None:
         x = x.to(device=param.device, dtype=param.dtype)
+    if snn.max_rows and x.shape[0] * k > snn.max_rows:
+        # sub-batches of max_rows rows, as the fixed-T run: each runs all its blocks before the next
+        chunk = max(1, snn.max_rows // k)
+        parts = [simulate_adaptive(snn, part, T, margin, k) for part in x.split(chunk)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     mode = snn.step_mode
-    snn.set_step_mode("single")  # also resets the state
+    if mode != "multi":
+        snn.set_step_mode("multi")
+    snn.reset()
     try:
         B = x.shape[0]
         active = torch.arange(B, device=x.device)
         total = None
         final = None
         steps = torch.full((B,), T, dtype=torch.long, device=x.device)
-        for t in range(1, T + 1):
-            out = snn(x)
-            total = out if total is None else total + out
+        t = 0
+        while t < T:
+            n = min(k, T - t)
+            out = snn.run(x, n, carry_state=True)  # [n, b, classes]
+            cum = out.cumsum(0) if total is None else out.cumsum(0).add_(total)
+            mean = cum / torch.arange(t + 1, t + n + 1, device=cum.device, dtype=cum.dtype).view(n, *([1] * (cum.dim() - 1)))
             if final is None:
-                final = torch.empty((B, *out.shape[1:]), dtype=out.dtype, device=out.device)
-            mean = total / t
-            if t == T:
-                final[active] = mean
-                break
+                final = torch.empty((B, *out.shape[2:]), dtype=out.dtype, device=out.device)
             top2 = mean.topk(2, dim=-1).values
-            done = (top2[:, 0] - top2[:, 1]) > margin
+            stop = (top2[..., 0] - top2[..., 1]) > margin  # [n, b]
+            if t + n == T:
+                stop[-1] = True
+            done = stop.any(0)
+            first = stop.float().argmax(0)  # the first step of the block that stops each sample
+            idx = done.nonzero().squeeze(1)
+            final[active[idx]] = mean[first[idx], idx]
+            steps[active[idx]] = t + 1 + first[idx]
+            t += n
+            keep = ~done
+            if not keep.any():
+                break
             if done.any():
-                final[active[done]] = mean[done]
-                steps[active[done]] = t
-                keep = ~done
-                if not keep.any():
-                    break
-                active, x, total = active[keep], x[keep], total[keep]
+                active, x = active[keep], x[keep]
                 _keep_rows(snn, keep)
+                cum = cum[:, keep]
+            total = cum[-1]
         return final, steps
     finally:
-        snn.set_step_mode(mode if mode in ("multi", "single") else "multi")
+        snn.reset()
+        if mode in ("multi", "single") and mode != snn.step_mode:
+            snn.set_step_mode(mode)
 
 
 @dataclass
@@ -96,13 +125,14 @@ class AdaptiveResult:
                 **self.extra}
 
 
-def evaluate_adaptive(snn: SpikingNetwork, loader: Iterable, max_steps: int, margin: float) -> AdaptiveResult:
+def evaluate_adaptive(snn: SpikingNetwork, loader: Iterable, max_steps: int, margin: float,
+                      block: int = DEFAULT_BLOCK) -> AdaptiveResult:
     """Accuracy, steps used (mean and histogram) and wall-clock time of adaptive inference."""
     correct = total = 0
     hist = torch.zeros(check_time_steps(max_steps) + 1, dtype=torch.long)
     start = time.perf_counter()
     for x, y in loader:
-        logits, steps = simulate_adaptive(snn, x, max_steps, margin)
+        logits, steps = simulate_adaptive(snn, x, max_steps, margin, block)
         correct += (logits.argmax(-1) == y.to(logits.device)).sum().item()
         hist += torch.bincount(steps.cpu(), minlength=len(hist))
         total += y.shape[0]

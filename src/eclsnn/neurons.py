@@ -41,6 +41,9 @@ class SpikingNeuron(nn.Module):
         self.v_init = float(v_init)
         self.step_mode = step_mode
         self.v: torch.Tensor | None = None
+        #: multi-step calls continue from the current state instead of starting afresh (set by
+        #: ``SpikingNetwork.run(..., carry_state=True)``, e.g. for adaptive-latency inference in blocks)
+        self.carry_state = False
 
     # -- state ---------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -55,9 +58,23 @@ class SpikingNeuron(nn.Module):
 
     # -- fused CPU kernels (eclsnn.kernels): the same arithmetic in one pass ----------------------
     def _kernel_state(self, y: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Fresh state with the memory layout of one step ``y`` (the kernels need equal layouts)."""
+        """The state to start a multi-step run from, with the memory layout of one step ``y`` (the kernels
+        need equal layouts): the carried state if :attr:`carry_state`, else fresh."""
+        carried = self._carried(y)
+        if carried is not None:  # (updated in place by the kernels: reuse when the layout already fits)
+            return tuple(None if s is None else s if s.stride() == y.stride() else torch.empty_like(y).copy_(s)
+                         for s in carried)  # type: ignore[return-value]
         v = torch.empty_like(y).copy_((theta * self.v_init).expand_as(y))
         return v, (torch.zeros_like(y) if self._signed else None)
+
+    def _carried(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(v, count) to continue from, or None for a fresh start."""
+        if not self.carry_state or self.v is None:
+            return None
+        if self.v.shape != y.shape:
+            raise ConversionError(f"cannot continue the state {tuple(self.v.shape)} with input of shape {tuple(y.shape)}; "
+                                  "reset() the network first")
+        return self.v, getattr(self, "count", None)
 
     def _kernel_ok(self, x_seq: torch.Tensor, theta: torch.Tensor) -> bool:
         if x_seq.requires_grad and torch.is_grad_enabled():
@@ -133,7 +150,9 @@ class IFNeuron(SpikingNeuron):
             v, _ = self._kernel_state(x_seq[0], theta)
             out = kernels.neuron_run(x_seq, theta, v, None, None)
         else:
-            out, v = SF.if_multistep(x_seq, theta, self._initial_v(x_seq[0], theta))
+            carried = self._carried(x_seq[0])
+            v0 = carried[0] if carried else self._initial_v(x_seq[0], theta)
+            out, v = SF.if_multistep(x_seq, theta, v0)
         self.v = v
         return out
 
@@ -195,9 +214,9 @@ class DualThresholdIFNeuron(SpikingNeuron):
             out = kernels.neuron_run(x_seq, theta, v, count, self.theta_neg)
             self.v, self.count = v, count
             return out
-        out, self.v, self.count = SF.dual_threshold_multistep(
-            x_seq, theta, theta * self.theta_neg, self._initial_v(x_seq[0], theta), torch.zeros_like(x_seq[0])
-        )
+        carried = self._carried(x_seq[0])
+        v0, c0 = carried if carried else (self._initial_v(x_seq[0], theta), torch.zeros_like(x_seq[0]))
+        out, self.v, self.count = SF.dual_threshold_multistep(x_seq, theta, theta * self.theta_neg, v0, c0)
         return out
 
     def extra_repr(self) -> str:

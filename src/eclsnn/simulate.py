@@ -26,7 +26,7 @@ __all__ = ["SpikingNetwork", "simulate", "evaluate", "evaluate_ann", "check_time
 _STATIC, _SEQ, _CONST = "static", "seq", "const"
 
 #: default of :attr:`SpikingNetwork.max_rows`
-DEFAULT_MAX_ROWS = 512
+DEFAULT_MAX_ROWS = 256
 
 
 def check_time_steps(time_steps) -> int:
@@ -116,11 +116,26 @@ class SpikingNetwork(nn.Module):
         out = self._execute(self._layout(x.flatten(0, 1)), T, _SEQ)
         return out.view(T, B, *out.shape[1:])
 
-    def run(self, x: torch.Tensor, time_steps: int) -> torch.Tensor:
+    def run(self, x: torch.Tensor, time_steps: int, carry_state: bool = False) -> torch.Tensor:
         """Drive the network with the same input ``x`` ``[B, ...]`` at every step for ``time_steps``
-        steps; returns the readout of every step, ``[T, B, ...]``. State starts fresh."""
+        steps; returns the readout of every step, ``[T, B, ...]``. State starts fresh, unless
+        ``carry_state``: then the neurons continue from where the previous run left them (the same
+        samples in the same order; the whole batch runs at once), so T steps can be simulated as
+        several shorter runs — adaptive-latency inference does so, dropping finished samples between
+        runs. (The state is that of the last sub-batch of the previous run, so a run to be continued
+        must have been one sub-batch: ``B·T ≤ max_rows``, or ``max_rows = None``.)"""
         T = check_time_steps(time_steps)
         B = x.shape[0]
+        if carry_state:
+            neurons = [n for _, n in self.neurons()]
+            for n in neurons:
+                n.carry_state = True
+            try:
+                out = self._execute(self._layout(x), T, _STATIC)
+            finally:
+                for n in neurons:
+                    n.carry_state = False
+            return out.view(T, B, *out.shape[1:])
         chunk = B if not self.max_rows else max(1, self.max_rows // T)
         outs = []
         for start in range(0, B, chunk):
