@@ -25,7 +25,8 @@ def test_kernels_build_here():
     # The test suite needs a C compiler (the Makefile's machines have gcc): the fast path must really be
     # what the other tests exercise.
     assert kernels.available(), kernels.build_error()
-    assert kernels.openmp()
+    if sys.platform.startswith("linux"):  # gcc has OpenMP; Apple's clang does not (the kernels then run serially)
+        assert kernels.openmp()
 
 
 def _seq(T, shape, dtype, layout, seed=0, scale=0.7):
