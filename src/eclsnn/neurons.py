@@ -18,7 +18,7 @@ from torch import nn
 from . import functional as SF
 from . import kernels
 from .clip import channel_view
-from .errors import ConversionError
+from .errors import ConversionError, SimulationError
 
 __all__ = ["IFNeuron", "DualThresholdIFNeuron", "SpikingNeuron"]
 
@@ -72,7 +72,7 @@ class SpikingNeuron(nn.Module):
         if not self.carry_state or self.v is None:
             return None
         if self.v.shape != y.shape:
-            raise ConversionError(f"cannot continue the state {tuple(self.v.shape)} with input of shape {tuple(y.shape)}; "
+            raise SimulationError(f"cannot continue the state {tuple(self.v.shape)} with input of shape {tuple(y.shape)}; "
                                   "reset() the network first")
         return self.v, getattr(self, "count", None)
 

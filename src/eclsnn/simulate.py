@@ -59,7 +59,7 @@ class SpikingNetwork(nn.Module):
         super().__init__()
         self.graph_module = graph_module
         self.settings = dict(settings or {})
-        self._plan: tuple[list[fx.Node], dict[fx.Node, list[fx.Node]], dict[fx.Node, tuple[fx.Node, object]]] | None = None
+        self._plan: tuple[list[fx.Node], dict[fx.Node, list[fx.Node]], dict[fx.Node, tuple[fx.Node, int]]] | None = None
         #: fuse a neuron layer with the average pooling after it into one kernel (eclsnn.kernels)
         self.fuse_pooling = True
         #: :meth:`run` simulates the batch in sub-batches of at most this many rows (steps × samples) at
@@ -160,9 +160,9 @@ class SpikingNetwork(nn.Module):
                 if node.op == "call_module" and isinstance(self.graph_module.get_submodule(node.target), SpikingNeuron) \
                         and len(node.users) == 1:
                     user = next(iter(node.users))
-                    pool = _pool_spec(user, self.graph_module)
-                    if pool is not None and user.args and user.args[0] is node:
-                        fusions[node] = (user, pool)
+                    k = _pool_kernel(user, self.graph_module)
+                    if k is not None and user.args and user.args[0] is node:
+                        fusions[node] = (user, k)
             self._plan = (nodes, last_use, fusions)
         return self._plan
 
@@ -200,9 +200,8 @@ class SpikingNetwork(nn.Module):
                     pooled = None
                     if node in fusions and self.fuse_pooling and "multi_step" not in vars(target):
                         # (an instance attribute multi_step is an observer, e.g. eclsnn.analysis: keep its view)
-                        pool_node, size = fusions[node]
-                        k = _pool_kernel(size, xs.shape[-2:])
-                        pooled = target.multi_step_pooled(xs, k) if k else None
+                        pool_node, k = fusions[node]
+                        pooled = target.multi_step_pooled(xs, k)
                     if pooled is not None:
                         env[pool_node], kind[pool_node] = pooled.flatten(0, 1), _SEQ
                         fused.add(pool_node)
@@ -222,9 +221,9 @@ class SpikingNetwork(nn.Module):
         raise SimulationError("the network graph has no output")
 
 
-def _pool_spec(node: fx.Node, gm: fx.GraphModule):
-    """("avg", k) for a k×k / stride-k average pooling without padding, or None: the poolings the fused
-    neuron kernel reproduces bit for bit. (Adaptive average pooling is left out: torch sums its windows
+def _pool_kernel(node: fx.Node, gm: fx.GraphModule) -> int | None:
+    """k for a k×k / stride-k average pooling without padding, or None: the poolings the fused neuron
+    kernel reproduces bit for bit. (Adaptive average pooling is left out: torch sums its windows
     in another order, which in float32 can differ in the last bit for large windows.)"""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
@@ -244,7 +243,7 @@ def _pool_spec(node: fx.Node, gm: fx.GraphModule):
         return None
     k2, st2, pad2 = (_pair(k), _pair(st if st not in (None, []) else k), _pair(pad))
     if ok and None not in (k2, st2, pad2) and k2[0] == k2[1] == st2[0] == st2[1] and pad2 == (0, 0):
-        return ("avg", k2[0])
+        return k2[0]
     return None
 
 
@@ -254,12 +253,6 @@ def _pair(v):
     if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
         return tuple(v)
     return None
-
-
-def _pool_kernel(spec, hw) -> int | None:
-    """The square kernel (= stride) of a pooling spec on an H×W map, if it is one."""
-    kind, size = spec
-    return size if kind == "avg" else None
 
 
 def getattr_path(obj, target: str):
