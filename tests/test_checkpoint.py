@@ -181,6 +181,18 @@ def test_pickle_disguised_as_safetensors_is_refused(tmp_path):
     assert not target.exists()
 
 
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    # the first byte of a safetensors file is the low byte of its header length; 0x80 is also a pickle's
+    # protocol marker (a real run's optimizer state hit this: its header was 1,152 = 0x480 bytes)
+    path = tmp_path / "state.safetensors"
+    for pad in range(300):
+        save_file({"w": torch.arange(3.0)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert torch.equal(ckpt_mod._read_safetensors(path)["w"], torch.arange(3.0))
+
+
 def test_torch_save_zip_is_refused(tmp_path):
     path = tmp_path / "weights.bin.safetensors"
     torch.save({"w": torch.ones(2)}, path)

@@ -403,9 +403,14 @@ def _refuse_pickle(path: Path) -> None:
         raise CheckpointError(f"{path} looks like a pickle-based file ({path.suffix}). {_UNPICKLE_MESSAGE}")
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(9)
+        size = path.stat().st_size
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
+    # A safetensors file starts with its header's length (8 bytes, little-endian), then the JSON header:
+    # a length whose low byte is 0x80 must not be taken for a pickle's protocol marker.
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return
     if head[:1] == b"\x80" or head[:2] == b"PK":
         kind = "a pickle" if head[:1] == b"\x80" else "a zip archive (the torch.save format)"
         raise CheckpointError(f"{path} is {kind}. {_UNPICKLE_MESSAGE}")
