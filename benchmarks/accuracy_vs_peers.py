@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import eclsnn  # noqa: E402
-from common import CONFIG, ensure_run  # noqa: E402
+from common import CONFIG, ensure_loop_run, ensure_run  # noqa: E402
 from eclsnn.config import load_config  # noqa: E402
 from eclsnn.experiment import calibration_batches, eval_loader, load_ann, load_split, write_json  # noqa: E402
 
@@ -134,6 +134,9 @@ def run_seed(seed: int, args, sj_ok: bool, log) -> dict:
     runs = {"relu": ensure_run("relu", None, seed, args.epochs)}
     for L in args.levels:
         runs[f"clip-L{L}"] = ensure_run("clip", L, seed, args.epochs)
+    if args.snn_epochs:  # the same budget: epochs - K plain epochs, then K with the T = 2 SNN in the loop
+        for L in args.levels:
+            runs[f"clip-L{L}-loop"] = ensure_loop_run(L, seed, args.epochs, args.snn_epochs, args.snn_lr)
     anns = {k: load_ann(p)[0] for k, p in runs.items()}
     calib = calibration_batches(data_cfg, seed, args.calib_batch_size, args.calib_batches)
     log(f"seed {seed}: calibration on {sum(x.shape[0] for x in calib)} validation images")
@@ -141,6 +144,8 @@ def run_seed(seed: int, args, sj_ok: bool, log) -> dict:
     nets: dict[str, tuple[str, str, torch.nn.Module]] = {}  # name -> (ann key, library, net)
     if sj_ok:
         for name, s in SJ_VARIANTS.items():
+            if args.sj_variants and name not in args.sj_variants:
+                continue
             nets[name] = ("relu", "spikingjelly", sj_convert(anns["relu"], calib, s["channel_wise"], s["half"]))
     for name, s in ECL_RELU_VARIANTS.items():
         snn = eclsnn.convert(anns["relu"], calibration=calib, threshold_rule="percentile", percentile=99.9,
@@ -149,6 +154,9 @@ def run_seed(seed: int, args, sj_ok: bool, log) -> dict:
     for L in args.levels:
         for name, s in ECL_CLIP_VARIANTS.items():
             nets[f"eclsnn clip L={L} {name}"] = (f"clip-L{L}", "eclsnn", eclsnn.convert(anns[f"clip-L{L}"], **s))
+        if args.snn_epochs:  # trained for the dual neuron at T = 2: that is the one to run
+            nets[f"eclsnn clip L={L} SNN-loop dual θ/2"] = (f"clip-L{L}-loop", "eclsnn",
+                                                            eclsnn.convert(anns[f"clip-L{L}-loop"], **ECL_CLIP_VARIANTS["dual θ/2"]))
 
     thresholds = {name: (sj_thresholds(n) if lib == "spikingjelly" else layer_thresholds(n))
                   for name, (_, lib, n) in nets.items() if "clip" not in name}
@@ -237,7 +245,7 @@ def sanity_summary(per_seed: list[dict], steps: list[int]) -> dict | None:
     rows = []
     for r in per_seed:
         n = r["num_samples"]
-        diffs = {t: 100 * (r["snn_accuracy"][b][str(t)] - r["snn_accuracy"][a][str(t)]) for t in steps}
+        diffs = {str(t): 100 * (r["snn_accuracy"][b][str(t)] - r["snn_accuracy"][a][str(t)]) for t in steps}
         thr_a, thr_b = r["thresholds"][a], r["thresholds"][b]
         rel = [abs(x - y) / y for x, y in zip(thr_a, thr_b)]
         # one standard error of a difference of two accuracies near p on n images (upper bound, unpaired)
@@ -245,7 +253,7 @@ def sanity_summary(per_seed: list[dict], steps: list[int]) -> dict | None:
         se = 100 * math.sqrt(2 * p * (1 - p) / n)
         dis = r.get("sanity_pair_disagreement") or {}
         rows.append({"seed": r["seed"], "diff_points": diffs,
-                     "disagreement_percent": {t: 100 * dis[str(t)] for t in steps if str(t) in dis}, "max_abs_diff": max(abs(d) for d in diffs.values()),
+                     "disagreement_percent": {str(t): 100 * dis[str(t)] for t in steps if str(t) in dis}, "max_abs_diff": max(abs(d) for d in diffs.values()),
                      "se_points_at_Tmax": se, "thresholds_sj": thr_a, "thresholds_eclsnn": thr_b,
                      "max_rel_threshold_diff": max(rel), "same_thresholds_check": r["same_thresholds_check"]})
     return {"pair": [a, b], "per_seed": rows}
@@ -266,12 +274,14 @@ def write_markdown(path: Path, meta: dict, agg: dict, sanity: dict | None, per_s
     head = "| network | converter / neuron | " + " | ".join(f"T={t}" for t in steps) + " |"
     L.append(head)
     L.append("|---|---|" + "---|" * len(steps))
-    ann_names = {"relu": "ReLU", **{f"clip-L{L}": f"ThresholdClip L={L}" for L in meta["levels"]}}
+    ann_names = {"relu": "ReLU", **{f"clip-L{L}": f"ThresholdClip L={L}" for L in meta["levels"]},
+                 **{f"clip-L{L}-loop": f"ThresholdClip L={L}, last {meta.get('snn_epochs')} epoch(s) with the SNN in the loop"
+                    for L in meta["levels"]}}
     for k, v in agg["ann"].items():
         L.append(f"| {ann_names[k]} | ANN | {fmt(v)} (all T) " + "| " * (len(steps) - 1) + "|")
     net_of = per_seed[0]["network_of"]
     for n, accs in agg["snn"].items():
-        label = n.replace(f"clip L={n.split('L=')[1].split()[0]} ", "") if "clip L=" in n else n
+        label = n.replace(f"clip L={n.split('L=')[1].split()[0]} ", "").replace("SNN-loop ", "") if "clip L=" in n else n
         L.append(f"| {ann_names[net_of[n]]} | {label} | " + " | ".join(fmt(accs[str(t)]) for t in steps) + " |")
     L.append("")
     L.append("Evaluation time per network (seconds for all test images at T = "
@@ -288,7 +298,7 @@ def write_markdown(path: Path, meta: dict, agg: dict, sanity: dict | None, per_s
         for r in sanity["per_seed"]:
             c = r["same_thresholds_check"] or {}
             same = f"{c.get('same_prediction_T', 0)}/{c.get('samples', 0)} / {c.get('max_abs_logit_diff', float('nan')):.2e}"
-            L.append(f"| {r['seed']} | {r['max_abs_diff']:.2f} | " + ", ".join(f"{r['diff_points'][t]:+.2f}" for t in steps)
+            L.append(f"| {r['seed']} | {r['max_abs_diff']:.2f} | " + ", ".join(f"{r['diff_points'][str(t)]:+.2f}" for t in steps)
                      + " | " + ", ".join(f"{v:.1f}" for v in r["disagreement_percent"].values()) + f" | {r['se_points_at_Tmax']:.2f} | {100 * r['max_rel_threshold_diff']:.2f} % | {same} |")
         L.append("")
         r0 = sanity["per_seed"][0]
@@ -306,25 +316,26 @@ def write_markdown(path: Path, meta: dict, agg: dict, sanity: dict | None, per_s
 def targets(agg: dict) -> list[str]:
     out = []
     sj = [n for n in agg["snn"] if n.startswith("SJ")]
-    levels = sorted({int(k[6:]) for k in agg["ann"] if k.startswith("clip-L")})
+    levels = sorted({int(k[6:].split("-")[0]) for k in agg["ann"] if k.startswith("clip-L")})
     if sj and "16" in agg["snn"][sj[0]]:
         best16 = max(sj, key=lambda n: agg["snn"][n]["16"][0])
         s16, s16_sd = agg["snn"][best16]["16"]
-        for L in levels:
-            n = f"eclsnn clip L={L} dual θ/2"
+        for L, v in [(L, v) for L in levels for v in ("", " SNN-loop")]:
+            n, label = f"eclsnn clip L={L}{v} dual θ/2", f"eclsnn dual (L={L}{', SNN in the loop' if v else ''})"
             if n not in agg["snn"]:
                 continue
             d2, d2_sd = agg["snn"][n]["2"]
-            out.append(f"eclsnn dual (L={L}) at T=2: {d2:.2f} ± {d2_sd:.2f} % vs SpikingJelly's best at T=16 ({best16}): "
+            out.append(f"{label} at T=2: {d2:.2f} ± {d2_sd:.2f} % vs SpikingJelly's best at T=16 ({best16}): "
                        f"{s16:.2f} ± {s16_sd:.2f} % -> {'met' if d2 > s16 else 'NOT met'}")
             reach = [int(t) for t, (m, _) in agg["snn"][n].items() if m >= s16]
             if reach:
-                out.append(f"  (eclsnn dual, L={L}, first reaches SpikingJelly's T=16 accuracy at T={min(reach)})")
-    for L in levels:
-        n = f"eclsnn clip L={L} dual θ/2"
+                out.append(f"  ({label} first reaches SpikingJelly's T=16 accuracy at T={min(reach)})")
+    for L, v in [(L, v) for L in levels for v in ("", " SNN-loop")]:
+        n, label = f"eclsnn clip L={L}{v} dual θ/2", f"eclsnn dual (L={L}{', SNN in the loop' if v else ''})"
+        ann = f"clip-L{L}{'-loop' if v else ''}"
         if n in agg["snn"] and "4" in agg["snn"][n]:
-            gap = agg["ann"][f"clip-L{L}"][0] - agg["snn"][n]["4"][0]
-            out.append(f"eclsnn dual (L={L}) at T=4: ANN − SNN = {gap:+.2f} points (target: at most 0.5) -> "
+            gap = agg["ann"][ann][0] - agg["snn"][n]["4"][0]
+            out.append(f"{label} at T=4: ANN − SNN = {gap:+.2f} points (target: at most 0.5) -> "
                        f"{'met' if gap <= 0.5 else 'NOT met'}")
     return out
 
@@ -370,6 +381,11 @@ def main() -> None:
     ap.add_argument("--max-samples", type=int, default=None, help="a seeded subset of the test set (default: all 10k)")
     ap.add_argument("--levels", type=int, nargs="+", default=[2, 4], help="L of the ThresholdClip networks")
     ap.add_argument("--T-max", dest="T_max", type=int, default=64)
+    ap.add_argument("--snn-epochs", type=int, default=0,
+                    help="also train each ThresholdClip network with its last K of --epochs with the T=2 SNN in the loop")
+    ap.add_argument("--snn-lr", type=float, default=0.01, help="lr the in-the-loop epochs restart from (train.snn_lr)")
+    ap.add_argument("--sj-variants", nargs="+", choices=list(SJ_VARIANTS), default=None,
+                    help="run only these SpikingJelly settings (default: all four)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--calib-batch-size", type=int, default=256)
@@ -407,7 +423,7 @@ def main() -> None:
     sanity = sanity_summary(per_seed, steps)
     meta = {
         "command": "python benchmarks/accuracy_vs_peers.py " + " ".join(sys.argv[1:]),
-        "seeds": args.seeds, "epochs": args.epochs, "levels": args.levels, "num_samples": per_seed[0]["num_samples"], "T_max": args.T_max,
+        "seeds": args.seeds, "epochs": args.epochs, "snn_epochs": args.snn_epochs, "snn_lr": args.snn_lr, "levels": args.levels, "num_samples": per_seed[0]["num_samples"], "T_max": args.T_max,
         "calibration_images": args.calib_batches * args.calib_batch_size, "spikingjelly": sj or "not installed",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "notes": args.notes, "sanity_explanation": "",

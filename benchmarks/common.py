@@ -4,6 +4,7 @@ epochs) under benchmarks/runs/, with a file lock so two benchmarks never train t
 from __future__ import annotations
 
 import fcntl
+import shutil
 from pathlib import Path
 
 from eclsnn.config import load_config
@@ -34,5 +35,28 @@ def ensure_run(activation: str = "clip", levels: int | None = 4, seed: int = 0, 
             "model.activation": activation, "model.levels": levels if activation != "relu" else 4,
             "train.seed": seed, "train.epochs": epochs, "train.output": str(RUNS), "train.run_name": name,
             "train.resume": True, "train.progress": False, **overrides,
+        })
+        return train(cfg)
+
+
+def ensure_loop_run(levels: int, seed: int, epochs: int, snn_epochs: int, snn_lr: float, **overrides) -> Path:
+    """cnn-fmnist with ThresholdClip at L = ``levels``, trained ``epochs`` epochs in all: the plain run
+    of ``epochs - snn_epochs`` epochs, then ``snn_epochs`` epochs with the T = 2 SNN in the loop
+    (train.snn_epochs, a restarted cosine from ``snn_lr``). It continues the plain run's last
+    checkpoint; with a restarted schedule this is step for step the uninterrupted run."""
+    plain = ensure_run("clip", levels, seed, epochs - snn_epochs)
+    name = f"fmnist-clip-L{levels}-e{epochs}-snn{snn_epochs}-lr{snn_lr:g}-s{seed}"
+    with open(RUNS / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        run = RUNS / name
+        if (run / "summary.json").is_file() and (run / "checkpoints" / "last").is_dir():
+            return run
+        if not (run / "checkpoints" / "last").is_dir():
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.copytree(plain / "checkpoints" / "last", run / "checkpoints" / "last")
+        cfg = load_config(CONFIG, {
+            "model.activation": "clip", "model.levels": levels, "train.seed": seed, "train.epochs": epochs,
+            "train.snn_epochs": snn_epochs, "train.snn_lr": snn_lr, "train.output": str(RUNS),
+            "train.run_name": name, "train.resume": True, "train.progress": False, **overrides,
         })
         return train(cfg)

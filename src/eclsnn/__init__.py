@@ -2,12 +2,14 @@
 
 Train with :class:`ThresholdClip` in place of ReLU, :func:`convert` to integrate-and-fire neurons
 (dual-threshold by default, membrane starting at θ/2), and :func:`simulate` / :func:`evaluate` at any
-number of time steps.
+number of time steps. :class:`SpikingLoop` (``train.snn_epochs``) fine-tunes the ANN on its own SNN's
+activations at a small T.
 """
 
 from .clip import ThresholdClip
 from .convert import convert, fold_batchnorm, prepare
 from .errors import CheckpointError, ConfigError, ConversionError, DataError, EclsnnError, SimulationError
+from .finetune import SpikingLoop
 from .neurons import DualThresholdIFNeuron, IFNeuron, SpikingNeuron
 from .nir_io import from_nir, to_nir
 from .simulate import SpikingNetwork, evaluate, evaluate_ann, simulate
@@ -22,6 +24,7 @@ __all__ = [
     "SpikingNetwork",
     "convert",
     "prepare",
+    "SpikingLoop",
     "fold_batchnorm",
     "simulate",
     "evaluate",

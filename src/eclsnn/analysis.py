@@ -40,14 +40,13 @@ signed mean, in the activation's units and in units of θ.
 - Neuron updates: one per neuron per step (reported, not included in the energy).
 - Energy: ``E_AC = 0.9 pJ`` per SOP, ``E_MAC = 4.6 pJ`` per MAC (45 nm, Horowitz 2014).
 
-Errors and spikes are observed by wrapping each neuron's ``multi_step`` (the simulator calls it
+Errors and spikes are observed with :func:`eclsnn.simulate.observe_neurons`, which wraps each neuron's ``multi_step`` (the simulator calls it
 directly, not through ``__call__``, so ``nn.Module`` forward hooks do not see it); operations by
 forward (pre-)hooks on the synaptic and pooling modules. Nothing about the simulation changes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -59,7 +58,7 @@ from torch import nn
 
 from .errors import SimulationError
 from .neurons import SpikingNeuron
-from .simulate import SpikingNetwork, check_time_steps, simulate
+from .simulate import SpikingNetwork, check_time_steps, observe_neurons, simulate
 
 __all__ = [
     "E_AC_PJ", "E_MAC_PJ", "ERRORS", "quantized_reference", "layer_errors", "fanout_map", "synapse_kinds",
@@ -178,28 +177,6 @@ def _time_mean(seq: torch.Tensor) -> torch.Tensor:
     for t in range(1, seq.shape[0]):
         acc.add_(seq[t])
     return acc.div_(seq.shape[0])
-
-
-@contextlib.contextmanager
-def _record_neurons(snn: SpikingNetwork, recorders: dict[str, _NeuronRecorder]):
-    """Wrap each neuron's ``multi_step`` (an instance attribute shadowing the method) so that its input
-    current ``[T, B, ...]`` and output reach the recorder; removed on exit."""
-    patched = []
-    try:
-        for name, neuron in snn.neurons():
-            original = neuron.multi_step
-
-            def wrapper(x_seq, _original=original, _record=recorders[name]):
-                out = _original(x_seq)
-                _record(x_seq, out)
-                return out
-
-            neuron.multi_step = wrapper
-            patched.append(neuron)
-        yield
-    finally:
-        for neuron in patched:
-            del neuron.multi_step
 
 
 # ---- synaptic operations ---------------------------------------------------------------------------
@@ -425,7 +402,7 @@ def analyze(
         if model is not None:
             correct_ann += (model(x).argmax(-1) == y).sum().item()
         for v, snn in variants.items():
-            with _record_neurons(snn, recorders[v]), counters[v]:
+            with observe_neurons(snn, lambda name, x, out, _r=recorders[v]: _r[name](x, out)), counters[v]:
                 out = simulate(snn, x, T)
             correct[v] += (out[-1].argmax(-1) == y.to(out.device)).sum().item()
         total += y.shape[0]

@@ -93,6 +93,11 @@ class TrainConfig:
     Weight decay applies to conv/linear weights only; BatchNorm parameters and biases get none, and
     the thresholds λ get ``threshold_weight_decay`` in their own parameter group (decaying λ would
     pull the clip towards 0 and cost range).
+
+    ``snn_epochs``: the last that many epochs train with the converted SNN in the loop at
+    ``snn_time_steps`` (the ``[convert]`` neuron settings), on the same optimizer and schedule; see
+    :mod:`eclsnn.finetune`. The best checkpoint is then chosen among those epochs by the SNN's
+    validation accuracy at ``snn_time_steps``.
     """
 
     epochs: int = 4
@@ -104,6 +109,9 @@ class TrainConfig:
     threshold_weight_decay: float = 0.0
     label_smoothing: float = 0.0
     warmup_epochs: int = 0
+    snn_epochs: int = 0  # the last N epochs train with the converted SNN in the loop (eclsnn.finetune)
+    snn_time_steps: int = 2  # T of the SNN in those epochs
+    snn_lr: float = 0.0  # > 0: those epochs restart the cosine schedule from this lr (0: one schedule throughout)
     seed: int = 0
     device: str = "auto"  # "auto": CUDA if available, else CPU
     amp: bool = True  # mixed precision (bf16 where supported, else fp16 + GradScaler); CUDA only
@@ -272,6 +280,18 @@ def _validate(cfg: Config, where: str) -> None:
     _check(where, "train.threshold_weight_decay", t.threshold_weight_decay >= 0, ">= 0", t.threshold_weight_decay)
     _check(where, "train.label_smoothing", 0.0 <= t.label_smoothing < 1.0, "in [0, 1)", t.label_smoothing)
     _check(where, "train.warmup_epochs", 0 <= t.warmup_epochs <= t.epochs, f"in [0, epochs = {t.epochs}]", t.warmup_epochs)
+    _check(where, "train.snn_epochs", 0 <= t.snn_epochs <= t.epochs, f"in [0, epochs = {t.epochs}]", t.snn_epochs)
+    _check(where, "train.snn_time_steps", t.snn_time_steps >= 1, ">= 1", t.snn_time_steps)
+    _check(where, "train.snn_lr", t.snn_lr >= 0, ">= 0 (0: continue the one schedule)", t.snn_lr)
+    if t.snn_epochs and t.snn_lr:
+        _check(where, "train.warmup_epochs", t.warmup_epochs <= t.epochs - t.snn_epochs,
+               f"at most epochs - snn_epochs = {t.epochs - t.snn_epochs} (the warmup is part of the plain epochs)",
+               t.warmup_epochs)
+    if t.snn_epochs and m.activation != "clip":
+        raise ConfigError(
+            f"{where}: train.snn_epochs trains with the converted SNN in the loop, which takes its thresholds from "
+            f"the learnable clip, so model.activation must be \"clip\", got {m.activation!r}"
+        )
     _check(where, "train.seed", t.seed >= 0, ">= 0", t.seed)
     dev = t.device
     _check(

@@ -8,8 +8,9 @@ constant current, instead of T times.
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -19,7 +20,7 @@ from torch import nn
 from .errors import SimulationError
 from .neurons import SpikingNeuron
 
-__all__ = ["SpikingNetwork", "simulate", "evaluate", "evaluate_ann", "check_time_steps"]
+__all__ = ["SpikingNetwork", "simulate", "evaluate", "evaluate_ann", "check_time_steps", "observe_neurons"]
 
 # How a value in the simulator relates to time: the same for every step and batched ([B, ...]),
 # a sequence ([T·B, ...]), or a constant that is neither (a buffer, a Python number).
@@ -287,6 +288,30 @@ def _call(node: fx.Node, gm: fx.GraphModule, args, kwargs):
 
 
 # ---- user-facing functions -------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def observe_neurons(snn: SpikingNetwork, callback: Callable[[str, torch.Tensor, torch.Tensor], None]):
+    """While active, ``callback(name, current, output)`` sees every neuron layer's multi-step update:
+    its input current and its output ``θ·s(t)``, both ``[T, B, ...]`` (one call per sub-batch, in
+    order). The observer is an instance attribute ``multi_step`` shadowing the method; the simulator
+    then runs that layer unfused from its pooling, so the output is the spike map itself."""
+    patched = []
+    try:
+        for name, neuron in snn.neurons():
+            original = neuron.multi_step
+
+            def observed(x_seq, _original=original, _name=name):
+                out = _original(x_seq)
+                callback(_name, x_seq, out)
+                return out
+
+            neuron.multi_step = observed
+            patched.append(neuron)
+        yield
+    finally:
+        for neuron in patched:
+            del neuron.multi_step
+
 
 def _check_network(snn) -> SpikingNetwork:
     if not isinstance(snn, SpikingNetwork):

@@ -56,7 +56,7 @@ from .clip import ThresholdClip
 from .config import Config, config_to_dict
 from .errors import ConfigError, EclsnnError
 
-__all__ = ["TrainingError", "train", "run_folder", "default_run_name", "parameter_groups", "lr_lambda"]
+__all__ = ["TrainingError", "train", "run_folder", "default_run_name", "parameter_groups", "lr_lambda", "schedule_factor"]
 
 
 class TrainingError(EclsnnError):
@@ -113,6 +113,20 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def schedule_factor(step: int, steps_per_epoch: int, t) -> float:
+    """LR factor (times ``train.lr``) at optimizer step ``step`` for the settings ``t`` (a
+    TrainConfig): one warmup + cosine schedule over all epochs; or, with ``snn_lr > 0`` and
+    ``snn_epochs``, that schedule over the plain epochs, then a second cosine from ``snn_lr`` to 0
+    over the epochs with the SNN in the loop."""
+    total, warmup = t.epochs * steps_per_epoch, t.warmup_epochs * steps_per_epoch
+    if not (t.snn_epochs and t.snn_lr):
+        return lr_lambda(step, warmup, total)
+    plain = (t.epochs - t.snn_epochs) * steps_per_epoch
+    if step < plain:
+        return lr_lambda(step, warmup, plain)
+    return t.snn_lr / t.lr * lr_lambda(step - plain, 0, total - plain)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,7 +254,8 @@ _RESUME_MUST_MATCH = (
 _RESUME_MAY_CHANGE = (
     ("train", "epochs"), ("train", "lr"), ("train", "momentum"), ("train", "nesterov"), ("train", "weight_decay"),
     ("train", "threshold_weight_decay"), ("train", "label_smoothing"), ("train", "warmup_epochs"),
-    ("train", "amp"), ("train", "channels_last"), ("train", "device"),
+    ("train", "snn_epochs"), ("train", "snn_time_steps"), ("train", "snn_lr"), ("convert", "neuron"), ("convert", "v_init"),
+    ("convert", "theta_neg"), ("train", "amp"), ("train", "channels_last"), ("train", "device"),
 )
 
 
@@ -390,11 +405,17 @@ class _Trainer:
             lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
         )
         self.steps_per_epoch = len(self.train_loader)
-        total, warmup = t.epochs * self.steps_per_epoch, t.warmup_epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_lambda(step, warmup, total)
+            self.optimizer, lambda step: schedule_factor(step, self.steps_per_epoch, self.cfg.train)
         )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        self.loop = None
+        if t.snn_epochs:
+            from .finetune import SpikingLoop
+
+            c = self.cfg.convert
+            self.loop = SpikingLoop(model, t.snn_time_steps, neuron=c.neuron, v_init=c.v_init,
+                                    theta_neg=c.theta_neg, maxpool=c.maxpool)
 
         self.amp = bool(t.amp and self.cuda)
         self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -476,6 +497,9 @@ class _Trainer:
         if extra.get("grad_scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(extra["grad_scaler"])
         self.start_epoch = int(ckpt.meta["epoch"]) + 1
+        if self.cfg.train.snn_epochs and (self.best_epoch is None or not self._in_loop(self.best_epoch)):
+            # the best checkpoint is chosen among the epochs with the SNN in the loop, by the SNN's accuracy
+            self.best_epoch = self.best_val_acc = None
         if self.resume_changes:
             self._apply_hyperparameters()
         rng = ckpt.load_rng_state()
@@ -487,8 +511,7 @@ class _Trainer:
         """Put the config's optimizer settings into the param groups (loading the optimizer state
         brought back the old ones) and rescale the LR schedule to the new base lr and length."""
         t = self.cfg.train
-        warmup, total = t.warmup_epochs * self.steps_per_epoch, t.epochs * self.steps_per_epoch
-        factor = lr_lambda(self.scheduler.last_epoch, warmup, total)
+        factor = schedule_factor(self.scheduler.last_epoch, self.steps_per_epoch, t)
         decay = {"weights": t.weight_decay, "norm_and_bias": 0.0, "thresholds": t.threshold_weight_decay}
         for group in self.optimizer.param_groups:
             group.update(initial_lr=t.lr, lr=t.lr * factor, momentum=t.momentum, nesterov=t.nesterov,
@@ -501,7 +524,9 @@ class _Trainer:
         from tqdm.auto import tqdm
 
         t = self.cfg.train
-        self.net.train()
+        in_loop = self._in_loop(epoch)
+        # With the SNN in the loop BatchNorm keeps its running statistics: the SNN folds those in.
+        self.net.eval() if in_loop else self.net.train()
         self.train_loader.set_epoch(epoch)
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         lr = self.optimizer.param_groups[0]["lr"]
@@ -510,7 +535,7 @@ class _Trainer:
         for step, (x, y) in enumerate(bar, 1):
             x = self._prepare_input(x)
             with self._autocast():
-                out = self.net(x)
+                out = self.loop(self.net, x) if in_loop else self.net(x)
             loss = self.criterion(out.float(), y)
             finite = torch.isfinite(loss.detach()).to(torch.float32)
             self.ddp.all_reduce(finite, dist.ReduceOp.MIN if self.ddp.enabled else None)
@@ -546,6 +571,24 @@ class _Trainer:
                     + self._last_good()
                 )
         return {"train_loss": float(stats[0] / stats[2]), "train_acc": float(stats[1] / stats[2]), "lr": lr}
+
+    def _in_loop(self, epoch: int) -> bool:
+        t = self.cfg.train
+        return epoch > t.epochs - t.snn_epochs
+
+    @torch.no_grad()
+    def _evaluate_snn(self, loader) -> float | None:
+        """Accuracy of the converted SNN at train.snn_time_steps over an evaluation set split across ranks."""
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # correct, count
+        self.model.eval()
+        if loader is not None:
+            snn = self.loop.network()
+            for x, y in loader:
+                out = snn.run(x, self.loop.time_steps).mean(0)
+                stats += torch.stack([(out.argmax(1) == y).sum().double(),
+                                      torch.tensor(float(y.shape[0]), dtype=torch.float64, device=self.device)])
+        self.ddp.all_reduce(stats)
+        return None if stats[1] == 0 else float(stats[0] / stats[1])
 
     def _last_good(self) -> str:
         last = self.run / "checkpoints" / "last"
@@ -647,8 +690,14 @@ class _Trainer:
             metrics: dict[str, Any] = {"epoch": epoch}
             metrics.update(self._train_epoch(epoch))
             val_loss, val_acc = self._evaluate(self.val_loader)
-            metrics.update(val_loss=val_loss, val_acc=val_acc, seconds=round(time.perf_counter() - started, 3))
-            is_best = val_acc is not None and (self.best_val_acc is None or val_acc > self.best_val_acc)
+            metrics.update(val_loss=val_loss, val_acc=val_acc)
+            score = val_acc
+            if t.snn_epochs:  # choose among the in-the-loop epochs, by the SNN's accuracy
+                score = self._evaluate_snn(self.val_loader) if self._in_loop(epoch) else None
+                if self._in_loop(epoch):
+                    metrics.update(val_snn_acc=score, snn_time_steps=t.snn_time_steps)
+            metrics["seconds"] = round(time.perf_counter() - started, 3)
+            is_best = score is not None and (self.best_val_acc is None or score > self.best_val_acc)
             if is_best:
                 self.best_epoch, self.best_val_acc = epoch, val_acc
             self.history.append(metrics)
@@ -656,11 +705,13 @@ class _Trainer:
             _log(self.ddp, (
                 f"epoch {epoch}/{t.epochs}  train loss {_fmt_loss(metrics['train_loss'])} acc "
                 f"{_fmt_acc(metrics['train_acc'])}  val loss {_fmt_loss(val_loss)} acc {_fmt_acc(val_acc)}"
-                f"{' (best)' if is_best else ''}  lr {metrics['lr']:.4g}  {metrics['seconds']:.1f}s"
+                + (f"  SNN(T={t.snn_time_steps}) val acc {_fmt_acc(metrics['val_snn_acc'])}" if "val_snn_acc" in metrics else "")
+                + f"{' (best)' if is_best else ''}  lr {metrics['lr']:.4g}  {metrics['seconds']:.1f}s"
             ))
 
         summary: dict[str, Any] = {
             "run": str(self.run), "epochs": t.epochs, "best_epoch": self.best_epoch, "best_val_acc": self.best_val_acc,
+            "best_by": f"val_snn_acc (T={t.snn_time_steps})" if t.snn_epochs else "val_acc",
             "final": self.history[-1] if self.history else None,
             "checkpoint_last": str(self.run / "checkpoints" / "last"),
             "checkpoint_best": str(self.run / "checkpoints" / "best") if self.best_epoch else None,
