@@ -144,8 +144,8 @@ def run_seed(seed: int, args, sj_ok: bool, log) -> dict:
     nets: dict[str, tuple[str, str, torch.nn.Module]] = {}  # name -> (ann key, library, net)
     if sj_ok:
         for name, s in SJ_VARIANTS.items():
-            if args.sj_variants and name not in args.sj_variants:
-                continue
+            if args.sj_variants and name not in args.sj_variants and name != SANITY_PAIR[0]:
+                continue  # (the sanity check's setting always runs)
             nets[name] = ("relu", "spikingjelly", sj_convert(anns["relu"], calib, s["channel_wise"], s["half"]))
     for name, s in ECL_RELU_VARIANTS.items():
         snn = eclsnn.convert(anns["relu"], calibration=calib, threshold_rule="percentile", percentile=99.9,
@@ -275,7 +275,9 @@ def write_markdown(path: Path, meta: dict, agg: dict, sanity: dict | None, per_s
     L.append(head)
     L.append("|---|---|" + "---|" * len(steps))
     ann_names = {"relu": "ReLU", **{f"clip-L{L}": f"ThresholdClip L={L}" for L in meta["levels"]},
-                 **{f"clip-L{L}-loop": f"ThresholdClip L={L}, last {meta.get('snn_epochs')} epoch(s) with the SNN in the loop"
+                 **{f"clip-L{L}-loop": f"ThresholdClip L={L}: {meta['epochs'] - (meta.get('snn_epochs') or 0)} plain epochs + "
+                                       f"{meta.get('snn_epochs')} with the T=2 SNN in the loop ("
+                                       + (f"lr restarted at {meta['snn_lr']:g})" if meta.get("snn_lr") else "one schedule)")
                     for L in meta["levels"]}}
     for k, v in agg["ann"].items():
         L.append(f"| {ann_names[k]} | ANN | {fmt(v)} (all T) " + "| " * (len(steps) - 1) + "|")
@@ -383,9 +385,10 @@ def main() -> None:
     ap.add_argument("--T-max", dest="T_max", type=int, default=64)
     ap.add_argument("--snn-epochs", type=int, default=0,
                     help="also train each ThresholdClip network with its last K of --epochs with the T=2 SNN in the loop")
-    ap.add_argument("--snn-lr", type=float, default=0.01, help="lr the in-the-loop epochs restart from (train.snn_lr)")
+    ap.add_argument("--snn-lr", type=float, default=0.0,
+                    help="lr the in-the-loop epochs restart from (train.snn_lr; 0: one schedule over all epochs)")
     ap.add_argument("--sj-variants", nargs="+", choices=list(SJ_VARIANTS), default=None,
-                    help="run only these SpikingJelly settings (default: all four)")
+                    help="run only these SpikingJelly settings, plus the sanity check's (default: all four)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--calib-batch-size", type=int, default=256)

@@ -20,11 +20,13 @@ def run_name(activation: str, levels: int | None, seed: int, epochs: int) -> str
     return f"fmnist-{kind}-e{epochs}-s{seed}"
 
 
-def ensure_run(activation: str = "clip", levels: int | None = 4, seed: int = 0, epochs: int = 4, **overrides) -> Path:
+def ensure_run(activation: str = "clip", levels: int | None = 4, seed: int = 0, epochs: int = 4, tag: str = "",
+               **overrides) -> Path:
     """The run folder of cnn-fmnist trained with the demo config (same budget and seed for every
-    activation); trains it (or finishes it) if needed."""
+    activation); trains it (or finishes it) if needed. ``overrides`` (config keys) change the recipe;
+    ``tag`` then names the variant in the run folder's name."""
     RUNS.mkdir(parents=True, exist_ok=True)
-    name = run_name(activation, levels, seed, epochs)
+    name = run_name(activation, levels, seed, epochs) + (f"-{tag}" if tag else "")
     with open(RUNS / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         run = RUNS / name
@@ -43,7 +45,11 @@ def ensure_loop_run(levels: int, seed: int, epochs: int, snn_epochs: int, snn_lr
     """cnn-fmnist with ThresholdClip at L = ``levels``, trained ``epochs`` epochs in all: the plain run
     of ``epochs - snn_epochs`` epochs, then ``snn_epochs`` epochs with the T = 2 SNN in the loop
     (train.snn_epochs, a restarted cosine from ``snn_lr``). It continues the plain run's last
-    checkpoint; with a restarted schedule this is step for step the uninterrupted run."""
+    checkpoint; with a restarted schedule this is step for step the uninterrupted run. With
+    ``snn_lr = 0`` (one cosine schedule over all epochs) it is trained from scratch."""
+    if not snn_lr:
+        return ensure_run("clip", levels, seed, epochs, tag=f"snn{snn_epochs}",
+                          **{"train.snn_epochs": snn_epochs}, **overrides)
     plain = ensure_run("clip", levels, seed, epochs - snn_epochs)
     name = f"fmnist-clip-L{levels}-e{epochs}-snn{snn_epochs}-lr{snn_lr:g}-s{seed}"
     with open(RUNS / f".{name}.lock", "w") as lock:
