@@ -526,7 +526,10 @@ class _Trainer:
         t = self.cfg.train
         in_loop = self._in_loop(epoch)
         # With the SNN in the loop BatchNorm keeps its running statistics: the SNN folds those in.
-        self.net.eval() if in_loop else self.net.train()
+        if in_loop:
+            self.net.eval()
+        else:
+            self.net.train()
         self.train_loader.set_epoch(epoch)
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         lr = self.optimizer.param_groups[0]["lr"]
