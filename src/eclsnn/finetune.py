@@ -15,10 +15,11 @@ readout are linear), so the loss is the SNN's own loss at T — its mean logits 
 the ANN's. BatchNorm runs on its running statistics (``eval`` mode) so that the ANN computes what the
 folded SNN computes; BN's affine parameters still learn.
 
-In training it is ``train.snn_epochs``: the last that many of ``train.epochs`` run this way (same
-optimizer and schedule, so the budget in epochs and optimizer steps stays that of a plain run; an
-in-the-loop epoch costs about twice an ANN epoch on CPU). Which neuron, v_init and θ_neg it
-simulates come from the run's ``[convert]`` settings.
+In training it is ``train.snn_epochs``: the last that many of ``train.epochs`` run this way, on the
+same optimizer (one cosine schedule, or one restarted from ``train.snn_lr``), so the budget in epochs
+and optimizer steps stays that of a plain run; an in-the-loop epoch costs about 2.3× a plain one on
+CPU. Which neuron, v_init and θ_neg it simulates come from the run's ``[convert]`` settings. Measured
+in docs/METHOD.md: at the budgets tried there it does not beat training longer, so it is off by default.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def layer_rates(snn: SpikingNetwork, x: torch.Tensor, time_steps: int) -> tuple[
     with observe_neurons(snn, lambda name, _, out: sums[name].append(out.sum(0))), \
             torch.autocast(x.device.type, enabled=False):
         out = snn.run(x, T)
-    rates = {name: torch.cat(parts, 0).div_(T) if len(parts) > 1 else parts[0].div_(T) for name, parts in sums.items()}
+    rates = {name: torch.cat(parts).div_(T) for name, parts in sums.items()}  # sub-batches in order
     return out.mean(0), rates
 
 
