@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= demo-output
 
-.PHONY: demo test venv data clean
+.PHONY: demo test venv data clean wheel-check
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,27 @@ data:
 demo: venv data
 	$(VENV)/bin/eclsnn demo --output $(DEMO_OUT)
 
-test: venv data
+test: venv data wheel-check
 	$(PY) -m pytest -q
 
+# The built wheel, installed (not editable) in a venv of its own, converts a checkpoint with a fresh kernel
+# build from outside the source tree: a subpackage or package-data file (the C source) left out of the
+# wheel fails here.
+WHEEL_VENV ?= .venv-wheel
+wheel-check: venv
+	rm -rf dist-check $(WHEEL_VENV) wheel-check-out
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w dist-check . 2>/dev/null || $(PY) -m pip wheel --quiet --no-deps -w dist-check .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(WHEEL_VENV)/bin/python -m pip install --quiet dist-check/eclsnn-*.whl
+	cd /tmp && ECLSNN_KERNELS=on ECLSNN_CACHE_DIR=$(CURDIR)/wheel-check-out/cache $(CURDIR)/$(WHEEL_VENV)/bin/python -c \
+	  "import eclsnn; assert 'site-packages' in eclsnn.__file__, eclsnn.__file__" && \
+	  ECLSNN_KERNELS=on ECLSNN_CACHE_DIR=$(CURDIR)/wheel-check-out/cache $(CURDIR)/$(WHEEL_VENV)/bin/eclsnn convert \
+	  $(CURDIR)/tests/fixtures/main-0.1.0/run -o $(CURDIR)/wheel-check-out/snn && \
+	  ECLSNN_KERNELS=on ECLSNN_CACHE_DIR=$(CURDIR)/wheel-check-out/cache $(CURDIR)/$(WHEEL_VENV)/bin/python -c \
+	  "import torch, eclsnn; from eclsnn import kernels; m = torch.nn.Sequential(torch.nn.Linear(4, 4), eclsnn.ThresholdClip(levels=4)); \
+	   s = eclsnn.simulate(eclsnn.convert(m), torch.randn(2, 4), 4); assert kernels.available(), kernels.build_error(); print('wheel check: ok')"
+	rm -rf dist-check $(WHEEL_VENV) wheel-check-out build
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .hypothesis dist-check $(WHEEL_VENV) wheel-check-out
