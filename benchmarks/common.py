@@ -7,8 +7,8 @@ import fcntl
 import shutil
 from pathlib import Path
 
-from eclsnn.config import load_config
-from eclsnn.train import train
+from eclsnn.recipes.config import load_config
+from eclsnn.training.trainer import train
 
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs"

@@ -55,9 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import eclsnn  # noqa: E402
 from common import CONFIG, ensure_run  # noqa: E402
-from eclsnn.config import load_config  # noqa: E402
-from eclsnn.convert import fold_batchnorm, trace  # noqa: E402
-from eclsnn.experiment import calibration_batches, eval_loader, load_ann, load_split, write_json  # noqa: E402
+from eclsnn.recipes.config import load_config  # noqa: E402
+from eclsnn.conversion.converter import fold_batchnorm, trace  # noqa: E402
+from eclsnn.recipes.common import calibration_batches, eval_loader, load_ann, load_split, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -131,7 +131,7 @@ def eclsnn_variant(snn, x, T, variant: str):
     try:
         if variant == "reference":
             snn.max_rows, snn.fuse_pooling = None, False
-            with eclsnn.kernels.reference_only():
+            with eclsnn.core.backends.cpu.reference_only():
                 return snn.run(x, T)
         if variant == "kernels":
             snn.max_rows, snn.fuse_pooling = None, False
@@ -280,7 +280,7 @@ def training_speed(threads: int, steps_per_block: int, blocks: int, log) -> dict
     def step(act, xb, yb):
         m, opt = models[act]
         opt.zero_grad(set_to_none=True)
-        with (eclsnn.kernels.reference_only() if "reference" in act else contextlib.nullcontext()):
+        with (eclsnn.core.backends.cpu.reference_only() if "reference" in act else contextlib.nullcontext()):
             loss_fn(m(xb), yb).backward()
         opt.step()
 
@@ -329,7 +329,7 @@ def spike_for_spike(model: nn.Module, x: torch.Tensor, T: int = 16) -> dict:
                 setattr(neuron_mod, meth, wrapped)
         snn.max_rows = None
         multi = snn.run(xd, T)
-        with eclsnn.kernels.reference_only():
+        with eclsnn.core.backends.cpu.reference_only():
             snn.set_step_mode("single")
             single = torch.stack([snn(xd) for _ in range(T)])
             snn.set_step_mode("multi")
@@ -460,7 +460,7 @@ def write_md(path: Path, res: dict) -> None:
         L.append("## Spike-for-spike check (float64)\n")
         L.append("eclsnn's fast multi-step `snn.run(x, T)` (C kernels, neuron+pool fusion, sub-batches) vs a plain "
                  "single-step loop on the PyTorch reference path (`snn.set_step_mode('single')`, `snn(x)` T times, "
-                 "inside `eclsnn.kernels.reference_only()`) on the trained network; every neuron layer's output recorded "
+                 "inside `eclsnn.core.backends.cpu.reference_only()`) on the trained network; every neuron layer's output recorded "
                  "by wrapping its step methods (run() calls them directly, so forward hooks would miss them).\n")
         L.append("| neuron | T | batch | readout identical | all spike trains identical | non-zero spike events | max |Δreadout| |")
         L.append("|---|---|---|---|---|---|---|")
@@ -525,7 +525,7 @@ def main() -> None:
     res = {"meta": {"command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]), "threads": torch.get_num_threads(),
                     "batch": x.shape[0], "reps": args.reps, "warmup": args.warmup, "torch": torch.__version__,
                     "spikingjelly": sj_version, "cpu": cpu, "run": str(run), "machine_note": args.machine_note,
-                    "kernels": {"available": eclsnn.kernels.available(), "openmp": eclsnn.kernels.openmp()},
+                    "kernels": {"available": eclsnn.core.backends.cpu.available(), "openmp": eclsnn.core.backends.cpu.openmp()},
                     "max_rows": snn.max_rows}}
     for part in ("simulation", "spike_for_spike", "memory", "training", "rows_sweep"):
         if part in previous:

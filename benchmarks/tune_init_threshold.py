@@ -11,9 +11,9 @@ import argparse
 import tempfile
 
 from eclsnn import convert
-from eclsnn.config import load_config
-from eclsnn.experiment import eval_loader, evaluate_variants, load_ann, load_split
-from eclsnn.train import train
+from eclsnn.recipes.config import load_config
+from eclsnn.recipes.common import eval_loader, evaluate_variants, load_ann, load_split
+from eclsnn.training.trainer import train
 
 
 def main() -> None:

@@ -58,7 +58,7 @@ def _digest(t: torch.Tensor) -> str:
 @contextlib.contextmanager
 def reference_path():
     """The PyTorch reference path instead of the fused CPU kernels."""
-    from eclsnn import kernels
+    from eclsnn.core.backends import cpu as kernels
 
     with kernels.reference_only():
         yield
@@ -92,7 +92,7 @@ def build_ann(arch: str) -> torch.nn.Module:
 def _per_layer(snn, run) -> dict[str, np.ndarray]:
     """Per-step spike counts (Σ s over the layer) and a digest of each layer's spike maps, from ``run()``
     under the neuron observer (multi-step) or forward hooks (single-step)."""
-    from eclsnn.simulate import observe_neurons
+    from eclsnn.simulation.network import observe_neurons
 
     seen: dict[str, list[torch.Tensor]] = {}
 
@@ -164,7 +164,7 @@ def compute_simulation(arch: str, neuron: str, v_init: float, mode: str) -> dict
             out = torch.stack(steps)
             result["logits"] = (out.cumsum(0) / torch.arange(1, T + 1).view(T, 1, 1)).numpy()
         elif mode == "carried":
-            from eclsnn.adaptive import simulate_adaptive
+            from eclsnn.simulation.adaptive import simulate_adaptive
 
             snn.max_rows = None
             parts = []
@@ -283,7 +283,7 @@ def make_fixtures(dest: Path = FIXTURES) -> None:
     its checkpoint, and the SNN's npz and NIR exports."""
     import shutil
 
-    from eclsnn import train as train_module
+    from eclsnn.training import trainer as train_module
 
     if dest.exists():
         shutil.rmtree(dest)
@@ -316,8 +316,8 @@ def compute_fixtures(workdir: Path) -> dict[str, np.ndarray]:
     import shutil
 
     from eclsnn import simulate
-    from eclsnn.nir_io import read_nir
-    from eclsnn.experiment import load_ann, load_snn
+    from eclsnn.io.nir import read_nir
+    from eclsnn.recipes.common import load_ann, load_snn
     from safetensors.torch import load_file
 
     src = workdir / "fixtures"

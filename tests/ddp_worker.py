@@ -1,7 +1,7 @@
 """Worker of ``test_train.py::test_ddp_two_processes_match_one_process``; run under
 ``python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py OUT``.
 
-1. A short ``eclsnn.train.train`` run with 2 processes; rank 1 records that it wrote no file.
+1. A short ``eclsnn.training.trainer.train`` run with 2 processes; rank 1 records that it wrote no file.
 2. Gradients: every rank takes its half of the first global batch of B samples (BatchLoader sharding)
    and does one DDP forward/backward; rank 0 then does the same step in one process on the whole B
    batch and compares the (DDP-averaged) gradients. BatchNorm runs in eval mode here: without
@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from eclsnn import train as train_mod
-from eclsnn.config import load_config
+from eclsnn.training import trainer as train_mod
+from eclsnn.recipes.config import load_config
 from eclsnn.data import BatchLoader, load_dataset, split_train_val
 from eclsnn.models import create
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from eclsnn import SimulationError, ThresholdClip, convert, simulate
-from eclsnn.adaptive import calibrate_margin, evaluate_adaptive, simulate_adaptive
+from eclsnn.simulation.adaptive import calibrate_margin, evaluate_adaptive, simulate_adaptive
 
 
 @pytest.fixture(scope="module")

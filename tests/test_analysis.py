@@ -1,4 +1,4 @@
-"""``eclsnn.analysis``: the three errors on dyadic cases where they are known exactly, firing rates,
+"""``eclsnn.analysis.decomposition``: the three errors on dyadic cases where they are known exactly, firing rates,
 exact SOP counting against brute force (padding, stride, dilation, groups, channels-last, folded
 pools), MAC counts, and ``eclsnn analyze`` on a tiny real checkpoint."""
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import eclsnn
-from eclsnn.analysis import (
+from eclsnn.analysis.decomposition import (
     E_AC_PJ, E_MAC_PJ, POOLED, SPIKES, _folded_fanout, _sops, analyze, fanout_map, format_analysis, layer_errors,
     quantized_reference, synapse_kinds,
 )
@@ -69,7 +69,7 @@ def test_constant_input_errors_are_exactly_the_clip_and_quantisation_errors(vari
 def test_quantized_reference_is_the_clip_with_T_levels():
     z = torch.arange(-16, 48, dtype=torch.float32) / 8
     for T in (1, 2, 4, 8):
-        expected = eclsnn.functional.threshold_clip(z, torch.tensor(2.0), levels=T, shift=0.5)
+        expected = eclsnn.core.functional.threshold_clip(z, torch.tensor(2.0), levels=T, shift=0.5)
         assert torch.equal(quantized_reference(z, 2.0, T, 0.5), expected)
     e = layer_errors(z, torch.zeros_like(z), 2.0, 4, 0.5)
     assert torch.equal(e["clipping"] + e["quantization"] + e["unevenness"], e["total"])

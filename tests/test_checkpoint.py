@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from eclsnn import checkpoint as ckpt_mod
-from eclsnn.checkpoint import (
+from eclsnn.io import checkpoint as ckpt_mod
+from eclsnn.io.checkpoint import (
     FAULT_ENV,
     build_model,
     capture_rng_state,
@@ -330,7 +330,7 @@ def test_unserialisable_meta_and_state(tmp_path):
 WRITER = textwrap.dedent(
     """
     import sys, torch
-    from eclsnn.checkpoint import save_checkpoint
+    from eclsnn.io.checkpoint import save_checkpoint
     torch.manual_seed(int(sys.argv[2]))
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64), torch.nn.Linear(64, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from eclsnn import ThresholdClip
-from eclsnn.functional import LAMBDA_MIN, threshold_clip
+from eclsnn.core.functional import LAMBDA_MIN, threshold_clip
 
 
 def _expected_grads(z: torch.Tensor, lam: float, h: torch.Tensor):

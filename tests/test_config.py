@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eclsnn.config import (
+from eclsnn.recipes.config import (
     SECTIONS,
     Config,
     config_from_dict,

@@ -9,7 +9,7 @@ from torch import nn
 
 import eclsnn
 from eclsnn import ConversionError, DualThresholdIFNeuron, IFNeuron, ThresholdClip, convert, prepare, simulate
-from eclsnn.convert import fold_batchnorm, trace
+from eclsnn.conversion.converter import fold_batchnorm, trace
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -406,7 +406,7 @@ def test_prepare_without_relu_is_an_error():
 def test_public_api_names():
     for name in ["ThresholdClip", "IFNeuron", "DualThresholdIFNeuron", "convert", "prepare", "simulate", "evaluate", "ConversionError"]:
         assert hasattr(eclsnn, name)
-    assert callable(eclsnn.functional.threshold_clip)
+    assert callable(eclsnn.core.functional.threshold_clip)
 
 
 def test_calibrated_network_rebuilds_from_stored_thresholds_without_data():

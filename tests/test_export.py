@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from eclsnn import ConversionError, ThresholdClip, convert, simulate
-from eclsnn.export import describe, export_json, export_npz
+from eclsnn.io.export import describe, export_json, export_npz
 
 
 def _mlp():

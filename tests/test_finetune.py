@@ -1,4 +1,4 @@
-"""Training with the converted SNN in the loop (eclsnn.finetune): the forward pass carries the SNN's
+"""Training with the converted SNN in the loop (eclsnn.training.spiking_loop): the forward pass carries the SNN's
 own rates, the gradient is the clip function's, and the trainer runs the last epochs that way."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import eclsnn
-from eclsnn.train import train
-from eclsnn.checkpoint import load_checkpoint
-from eclsnn.clip import ThresholdClip
+from eclsnn.training.trainer import train
+from eclsnn.io.checkpoint import load_checkpoint
+from eclsnn.core.clip import ThresholdClip
 from eclsnn.errors import ConfigError
-from eclsnn.finetune import SpikingLoop, SpikingLoopError, layer_rates
+from eclsnn.training.spiking_loop import SpikingLoop, SpikingLoopError, layer_rates
 from eclsnn.models import create
 
 from test_train import metrics, needs_data, tiny
@@ -160,8 +160,8 @@ def test_training_runs_the_last_epochs_with_the_snn_in_the_loop(tmp_path):
 
 
 def test_the_in_the_loop_epochs_can_restart_the_schedule():
-    from eclsnn.config import load_config
-    from eclsnn.train import lr_lambda, schedule_factor
+    from eclsnn.recipes.config import load_config
+    from eclsnn.training.trainer import lr_lambda, schedule_factor
 
     one = load_config(None, {"train.epochs": 5, "train.snn_epochs": 1}).train
     two = load_config(None, {"train.epochs": 5, "train.snn_epochs": 1, "train.snn_lr": 0.01}).train

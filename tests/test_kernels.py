@@ -1,4 +1,4 @@
-"""The fused CPU kernels (eclsnn.kernels) against the PyTorch reference functions: bit-identical
+"""The fused CPU kernels (eclsnn.core.backends.cpu) against the PyTorch reference functions: bit-identical
 neuron dynamics, pooling and clip forward/gradient; the λ-gradient to float64 precision and independent
 of the thread count; the fallback when no compiler is available; and the simulator's fast path
 (kernels, neuron+pool fusion, sub-batching) spike for spike against a plain single-step loop."""
@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import eclsnn
-from eclsnn import ThresholdClip, kernels
-from eclsnn import functional as SF
-from eclsnn.neurons import DualThresholdIFNeuron, IFNeuron
+from eclsnn import ThresholdClip
+from eclsnn.core.backends import cpu as kernels
+from eclsnn.core import functional as SF
+from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron
 
 
 def test_kernels_build_here():
@@ -316,8 +317,8 @@ def _run_python(code: str, env: dict) -> subprocess.CompletedProcess:
 def test_without_a_compiler_eclsnn_warns_once_and_uses_the_reference_path(tmp_path):
     code = """
         import warnings, torch, eclsnn
-        from eclsnn import kernels
-        from eclsnn.neurons import DualThresholdIFNeuron
+        from eclsnn.core.backends import cpu as kernels
+        from eclsnn.core.neurons import DualThresholdIFNeuron
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             n = DualThresholdIFNeuron(1.0)
@@ -340,7 +341,7 @@ def test_without_a_compiler_eclsnn_warns_once_and_uses_the_reference_path(tmp_pa
 def test_kernels_on_makes_a_failed_build_an_error(tmp_path):
     code = """
         import torch
-        from eclsnn.neurons import IFNeuron
+        from eclsnn.core.neurons import IFNeuron
         IFNeuron(1.0).multi_step(torch.randn(2, 3, 4))
     """
     env = {"CC": str(tmp_path / "no-such-compiler"), "PATH": str(tmp_path), "ECLSNN_CACHE_DIR": str(tmp_path / "cache"),
@@ -353,8 +354,8 @@ def test_kernels_on_makes_a_failed_build_an_error(tmp_path):
 def test_kernels_off_skips_the_build(tmp_path):
     code = """
         import torch
-        from eclsnn import kernels
-        from eclsnn.neurons import IFNeuron
+        from eclsnn.core.backends import cpu as kernels
+        from eclsnn.core.neurons import IFNeuron
         IFNeuron(1.0).multi_step(torch.randn(2, 3, 4))
         assert not kernels.enabled() and not kernels._tried
         print("off ok")
@@ -367,7 +368,7 @@ def test_kernels_off_skips_the_build(tmp_path):
 def test_a_corrupt_cached_library_is_rebuilt(tmp_path):
     code = """
         import torch
-        from eclsnn import kernels
+        from eclsnn.core.backends import cpu as kernels
         assert kernels.available(), kernels.build_error()
         print("built")
     """

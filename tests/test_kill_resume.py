@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eclsnn.checkpoint import find_checkpoint, load_checkpoint
+from eclsnn.io.checkpoint import find_checkpoint, load_checkpoint
 
 ARGS = ["--epochs", "6", "--max-train-samples", "1536", "--batch-size", "128", "--set", "data.val_fraction=0.02",
         "--set", "train.eval_test=false", "--set", "train.progress=false", "--set", "data.augment=true", "--seed", "3"]

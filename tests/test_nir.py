@@ -28,7 +28,7 @@ from torch import nn
 
 import eclsnn
 from eclsnn import ConversionError, DualThresholdIFNeuron, IFNeuron, ThresholdClip, convert, simulate
-from eclsnn.nir_io import META, NIRExportWarning, from_nir, read_nir, to_nir, write_nir
+from eclsnn.io.nir import META, NIRExportWarning, from_nir, read_nir, to_nir, write_nir
 
 T = 8
 
@@ -576,9 +576,9 @@ def test_unfolded_batchnorm_becomes_a_per_channel_affine(tmp_path):
 # ---- command line -------------------------------------------------------------------------------------
 
 def test_cli_export_nir(tmp_path, capsys):
-    from eclsnn.checkpoint import save_checkpoint
+    from eclsnn.io.checkpoint import save_checkpoint
     from eclsnn.cli import main
-    from eclsnn.experiment import load_ann
+    from eclsnn.recipes.common import load_ann
     from eclsnn.models import create
 
     kw = {"arch": "cnn-fmnist", "num_classes": 10, "activation": "clip", "levels": 4, "init_threshold": 4.0,

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eclsnn import DualThresholdIFNeuron, IFNeuron, ThresholdClip
-from eclsnn.functional import threshold_clip
+from eclsnn.core.functional import threshold_clip
 
 POW2_T = [1, 2, 4, 8, 16]
 

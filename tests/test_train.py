@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from eclsnn.checkpoint import build_model, load_checkpoint, resolve_checkpoint
-from eclsnn.clip import ThresholdClip
-from eclsnn.config import load_config
+from eclsnn.io.checkpoint import build_model, load_checkpoint, resolve_checkpoint
+from eclsnn.core.clip import ThresholdClip
+from eclsnn.recipes.config import load_config
 from eclsnn.errors import ConfigError, DataError
-from eclsnn.train import TrainingError, lr_lambda, parameter_groups, train
+from eclsnn.training.trainer import TrainingError, lr_lambda, parameter_groups, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_worker import DDP_RUN  # noqa: E402
@@ -164,7 +164,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(reference_run, tmp_path
 
 def _train_interrupted_after(cfg, epochs_done: int):
     """Run train() and raise KeyboardInterrupt right after the checkpoint of epoch `epochs_done`."""
-    from eclsnn import train as train_mod
+    from eclsnn.training import trainer as train_mod
 
     original = train_mod._Trainer._save
 
@@ -186,7 +186,7 @@ def test_killed_during_a_checkpoint_write_then_resumed_is_bit_identical(referenc
     checkpoints/last/model.safetensors; the epoch-1 checkpoint stays readable and resuming from it
     ends bit-identical to the uninterrupted run."""
     overrides = {**TINY, "train.output": str(tmp_path)}
-    script = ("import json, sys; from eclsnn.config import load_config; from eclsnn.train import train; "
+    script = ("import json, sys; from eclsnn.recipes.config import load_config; from eclsnn.training.trainer import train; "
               "train(load_config(None, json.loads(sys.argv[1])))")
     env = {**os.environ, "ECLSNN_FAULT_CHECKPOINT": "last/model.safetensors:300:2"}
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(overrides)], env=env, capture_output=True,
@@ -284,7 +284,7 @@ def test_init_from_another_architecture_is_refused(reference_run, tmp_path):
 
 @needs_data
 def test_global_batch_must_divide_by_world_size(tmp_path, monkeypatch):
-    from eclsnn import train as train_mod
+    from eclsnn.training import trainer as train_mod
 
     monkeypatch.setattr(train_mod, "_init_distributed", lambda cfg: train_mod._Dist(rank=0, world_size=3))
     with pytest.raises(ConfigError, match="divisible"):

@@ -6,13 +6,13 @@ number of time steps. :class:`SpikingLoop` (``train.snn_epochs``) fine-tunes the
 activations at a small T.
 """
 
-from .clip import ThresholdClip
-from .convert import convert, fold_batchnorm, prepare
-from .errors import CheckpointError, ConfigError, ConversionError, DataError, EclsnnError, SimulationError
-from .finetune import SpikingLoop
-from .neurons import DualThresholdIFNeuron, IFNeuron, SpikingNeuron
-from .nir_io import from_nir, to_nir
-from .simulate import SpikingNetwork, evaluate, evaluate_ann, simulate
+from eclsnn.core.clip import ThresholdClip
+from eclsnn.conversion.converter import convert, fold_batchnorm, prepare
+from eclsnn.errors import CheckpointError, ConfigError, ConversionError, DataError, EclsnnError, SimulationError
+from eclsnn.training.spiking_loop import SpikingLoop
+from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron, SpikingNeuron
+from eclsnn.io.nir import from_nir, to_nir
+from eclsnn.simulation.network import SpikingNetwork, evaluate, evaluate_ann, simulate
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .errors import EclsnnError
+from eclsnn.errors import EclsnnError
 
 # flag dest -> dotted config key (flags override --config and --set)
 _TRAIN_FLAGS = {
@@ -175,13 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from eclsnn import __version__
 
     return __version__
 
 
 def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
-    from .config import parse_overrides
+    from eclsnn.recipes.config import parse_overrides
 
     out = parse_overrides(getattr(args, "set", []) or [])
     for dest, key in flags.items():
@@ -193,7 +193,7 @@ def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any
 
 def _config(args: argparse.Namespace, flags: dict[str, str], base: dict[str, Any] | None = None):
     """Config from (checkpoint's config) ← --config ← --set ← flags."""
-    from .config import config_from_dict, config_to_dict, load_config
+    from eclsnn.recipes.config import config_from_dict, config_to_dict, load_config
 
     overrides = _overrides(args, flags)
     if getattr(args, "config", None):
@@ -211,7 +211,7 @@ def _flatten(d: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # ---- commands ---------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from eclsnn.training.trainer import train
 
     cfg = _config(args, _TRAIN_FLAGS)
     run = train(cfg)
@@ -225,9 +225,9 @@ def _checkpoint_config(ckpt) -> dict[str, Any] | None:
 
 def _convert_one(model, ckpt, cfg, device="cpu"):
     """Convert ``model`` with ``cfg.convert``; ReLU networks are calibrated on the validation split."""
-    from . import ThresholdClip
-    from .convert import convert
-    from .experiment import calibration_batches, convert_kwargs
+    from eclsnn import ThresholdClip
+    from eclsnn.conversion.converter import convert
+    from eclsnn.recipes.common import calibration_batches, convert_kwargs
 
     kwargs = convert_kwargs(cfg.convert)
     calibration = None
@@ -238,7 +238,7 @@ def _convert_one(model, ckpt, cfg, device="cpu"):
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .experiment import load_ann, save_snn
+    from eclsnn.recipes.common import load_ann, save_snn
 
     model, ckpt = load_ann(args.checkpoint)
     cfg = _config(args, {**_CONVERT_FLAGS, "data_dir": "data.data_dir"}, _checkpoint_config(ckpt))
@@ -255,7 +255,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .experiment import eval_loader, evaluate_variants, format_table, is_snn_folder, load_ann, load_snn, load_split, write_json
+    from eclsnn.recipes.common import eval_loader, evaluate_variants, format_table, is_snn_folder, load_ann, load_snn, load_split, write_json
 
     device = args.device
     if is_snn_folder(args.checkpoint):
@@ -287,8 +287,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _adaptive(snn, cfg, seed, loader, T, max_loss, device) -> dict:
     """Calibrate the stopping margin on the validation split, then report adaptive next to fixed T."""
-    from .adaptive import calibrate_margin, evaluate_adaptive
-    from .experiment import eval_loader, load_split
+    from eclsnn.simulation.adaptive import calibrate_margin, evaluate_adaptive
+    from eclsnn.recipes.common import eval_loader, load_split
 
     val = eval_loader(*load_split(cfg.data, "val", seed, cfg.evaluate.max_samples), cfg.evaluate.batch_size, device)
     margin, _ = calibrate_margin(snn, val, T, max_accuracy_loss=max_loss)
@@ -303,8 +303,8 @@ def _adaptive(snn, cfg, seed, loader, T, max_loss, device) -> dict:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .experiment import is_snn_folder, load_ann, load_snn
-    from .export import export_json, export_npz
+    from eclsnn.recipes.common import is_snn_folder, load_ann, load_snn
+    from eclsnn.io.export import export_json, export_npz
 
     if is_snn_folder(args.checkpoint):
         snn, _, ckpt, _ = load_snn(args.checkpoint)
@@ -316,7 +316,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "nir":
         import warnings
 
-        from .nir_io import NIRExportWarning, write_nir
+        from eclsnn.io.nir import NIRExportWarning, write_nir
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", NIRExportWarning)
@@ -338,7 +338,7 @@ def _sample_input(ckpt):
     layer shapes)."""
     import torch
 
-    from .data import DATASETS, resolve_name
+    from eclsnn.data import DATASETS, resolve_name
 
     data = ckpt.meta.get("dataset") or {}
     if not data.get("channels"):
@@ -350,15 +350,15 @@ def _sample_input(ckpt):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from eclsnn.recipes.demo import run_demo
 
     run_demo(args)
     return 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analysis import analyze_checkpoint, format_analysis, variant_name
-    from .experiment import DEMO_VARIANTS
+    from eclsnn.analysis.decomposition import analyze_checkpoint, format_analysis, variant_name
+    from eclsnn.recipes.common import DEMO_VARIANTS
 
     if args.neuron is None and args.v_init is None and args.theta_neg is None:
         variants = {variant_name(**kw): kw for kw in DEMO_VARIANTS.values()}
@@ -378,8 +378,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from .ablation import format_ablation, run_ablation
-    from .config import parse_overrides
+    from eclsnn.recipes.ablate import format_ablation, run_ablation
+    from eclsnn.recipes.config import parse_overrides
 
     results = run_ablation(
         seeds=args.seeds, epochs=args.epochs, output=args.output, runs_dir=args.runs_dir, max_samples=args.max_samples,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from eclsnn.errors import DataError
 from .download import download_file
 from .info import DATASETS, ImageTensors
 from .paths import ENV_VAR, download_root, format_places, search_roots

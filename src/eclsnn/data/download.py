@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..errors import DataError
+from eclsnn.errors import DataError
 
 _CHUNK = 1 << 20
 

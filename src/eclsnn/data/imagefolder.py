@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
+from eclsnn.errors import DataError
 from .info import DATASETS, DatasetInfo
 from .paths import ENV_VAR, format_places, search_roots
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DataError
+from eclsnn.errors import DataError
 
 
 @dataclass(frozen=True)

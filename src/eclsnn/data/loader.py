@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
+from eclsnn.errors import DataError
 from .info import DatasetInfo, ImageTensors, normalization_affine, normalize
 
 _EPOCH_STRIDE = 1_000_003  # prime; shuffling seed = seed * stride + epoch, distinct for any epoch < stride

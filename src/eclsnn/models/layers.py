@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..clip import ThresholdClip
-from ..errors import ConfigError
+from eclsnn.core.clip import ThresholdClip
+from eclsnn.errors import ConfigError
 
 __all__ = [
     "ACTIVATIONS",

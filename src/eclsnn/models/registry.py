@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ConfigError
+from eclsnn.errors import ConfigError
 from .layers import ACTIVATIONS, POOLS, _check_choice, _check_clip_args
 
 __all__ = ["MODEL_DEFAULTS", "register", "create", "list_models", "input_size"]

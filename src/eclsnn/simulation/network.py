@@ -17,8 +17,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SimulationError
-from .neurons import SpikingNeuron
+from eclsnn.errors import SimulationError
+from eclsnn.core.neurons import SpikingNeuron
 
 __all__ = ["SpikingNetwork", "simulate", "evaluate", "evaluate_ann", "check_time_steps", "observe_neurons"]
 
@@ -61,7 +61,7 @@ class SpikingNetwork(nn.Module):
         self.graph_module = graph_module
         self.settings = dict(settings or {})
         self._plan: tuple[list[fx.Node], dict[fx.Node, list[fx.Node]], dict[fx.Node, tuple[fx.Node, int]]] | None = None
-        #: fuse a neuron layer with the average pooling after it into one kernel (eclsnn.kernels)
+        #: fuse a neuron layer with the average pooling after it into one kernel (eclsnn.core.backends.cpu)
         self.fuse_pooling = True
         #: :meth:`run` simulates the batch in sub-batches of at most this many rows (steps × samples) at
         #: once, so that every layer's T-step tensor stays in cache (None: the whole batch at once).
@@ -200,7 +200,7 @@ class SpikingNetwork(nn.Module):
                     xs = value.view(T, -1, *value.shape[1:]) if kind[src] == _SEQ else value.unsqueeze(0).expand(T, *value.shape)
                     pooled = None
                     if node in fusions and self.fuse_pooling and "multi_step" not in vars(target):
-                        # (an instance attribute multi_step is an observer, e.g. eclsnn.analysis: keep its view)
+                        # (an instance attribute multi_step is an observer, e.g. eclsnn.analysis.decomposition: keep its view)
                         pool_node, k = fusions[node]
                         pooled = target.multi_step_pooled(xs, k)
                     if pooled is not None:

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from .errors import ConversionError
+from eclsnn.errors import ConversionError
 
 __all__ = ["iter_calibration_batches", "ActivationStatistics"]
 

@@ -17,12 +17,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import ActivationStatistics
-from .clip import ThresholdClip
-from .errors import ConversionError
-from .functional import LAMBDA_MIN
-from .neurons import DualThresholdIFNeuron, IFNeuron
-from .simulate import SpikingNetwork
+from eclsnn.conversion.calibration import ActivationStatistics
+from eclsnn.core.clip import ThresholdClip
+from eclsnn.errors import ConversionError
+from eclsnn.core.functional import LAMBDA_MIN
+from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron
+from eclsnn.simulation.network import SpikingNetwork
 
 __all__ = ["convert", "prepare", "trace", "fold_batchnorm", "NEURONS"]
 

@@ -40,9 +40,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConversionError
-from .neurons import DualThresholdIFNeuron, IFNeuron, SpikingNeuron
-from .simulate import SpikingNetwork
+from eclsnn.errors import ConversionError
+from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron, SpikingNeuron
+from eclsnn.simulation.network import SpikingNetwork
 
 __all__ = ["to_nir", "from_nir", "write_nir", "read_nir", "NIRExportWarning", "NEURON_FORMS", "FORMAT"]
 

@@ -1,7 +1,7 @@
 """Pure functions of the method: the threshold clipping function and the neuron dynamics.
 
 Everything here is stateless: state goes in and comes out as tensors, so each function can be
-property-tested on its own. The modules in :mod:`eclsnn.clip` and :mod:`eclsnn.neurons` hold
+property-tested on its own. The modules in :mod:`eclsnn.core.clip` and :mod:`eclsnn.core.neurons` hold
 parameters, buffers and configuration and call these functions.
 
 Equations (SPEC.md):
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
-from .errors import ConfigError
+from eclsnn.core.backends import cpu as kernels
+from eclsnn.errors import ConfigError
 
 __all__ = [
     "LAMBDA_MIN",
@@ -92,7 +92,7 @@ class _ThresholdClipFn(torch.autograd.Function):
 
 
 class _ThresholdClipKernelFn(torch.autograd.Function):
-    """:class:`_ThresholdClipFn` on the fused CPU kernels (:mod:`eclsnn.kernels`): the same values and
+    """:class:`_ThresholdClipFn` on the fused CPU kernels (:mod:`eclsnn.core.backends.cpu`): the same values and
     gradients, one pass over memory forward and one backward (ReLU's cost), recomputing the
     λ-gradient factor from z in the backward pass instead of storing it."""
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from eclsnn.errors import ConfigError
 
 __all__ = [
     "THETA_NEG_SWEEP", "NEURON_SETTINGS", "DEFAULT_STEPS", "EPSILON", "run_name", "ensure_run",
@@ -65,8 +65,8 @@ def ensure_run(
     """The run folder of ``cnn-fmnist`` trained with the demo config and ``activation`` (same budget and
     seed for both activations); trained — or finished, if interrupted — when missing. A file lock
     keeps two processes from training the same run at once."""
-    from .config import load_config
-    from .train import train
+    from eclsnn.recipes.config import load_config
+    from eclsnn.training.trainer import train
 
     runs = Path(runs_dir)
     runs.mkdir(parents=True, exist_ok=True)
@@ -109,10 +109,10 @@ def _measure_seed(
     calibration_batches: int, data_dir: str | None, progress: bool,
 ) -> dict[str, Any]:
     """Test accuracy of every grid/sweep variant on both networks and validation accuracy of the sweep."""
-    from .config import config_from_dict
-    from .convert import convert
-    from .experiment import calibration_batches as calib_batches
-    from .experiment import eval_loader, evaluate_variants, load_ann, load_split
+    from eclsnn.recipes.config import config_from_dict
+    from eclsnn.conversion.converter import convert
+    from eclsnn.recipes.common import calibration_batches as calib_batches
+    from eclsnn.recipes.common import eval_loader, evaluate_variants, load_ann, load_split
 
     T = max(steps)
     relu, relu_ckpt = load_ann(relu_run)
@@ -181,7 +181,7 @@ def run_ablation(
     out = Path(output)
     runs = Path(runs_dir) if runs_dir else out / "runs"
     (out / "seeds").mkdir(parents=True, exist_ok=True)
-    from .experiment import write_json
+    from eclsnn.recipes.common import write_json
 
     per_seed = []
     started = time.perf_counter()

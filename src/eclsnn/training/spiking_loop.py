@@ -27,10 +27,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .clip import ThresholdClip
-from .convert import convert
-from .errors import EclsnnError
-from .simulate import SpikingNetwork, check_time_steps, observe_neurons
+from eclsnn.core.clip import ThresholdClip
+from eclsnn.conversion.converter import convert
+from eclsnn.errors import EclsnnError
+from eclsnn.simulation.network import SpikingNetwork, check_time_steps, observe_neurons
 
 __all__ = ["SpikingLoop", "SpikingLoopError", "layer_rates"]
 

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, build_model, load_checkpoint, resolve_checkpoint
-from .config import ConvertConfig, DataConfig
-from .convert import convert
-from .errors import CheckpointError, SimulationError
-from .simulate import SpikingNetwork, check_time_steps, simulate
+from eclsnn.io.checkpoint import Checkpoint, build_model, load_checkpoint, resolve_checkpoint
+from eclsnn.recipes.config import ConvertConfig, DataConfig
+from eclsnn.conversion.converter import convert
+from eclsnn.errors import CheckpointError, SimulationError
+from eclsnn.simulation.network import SpikingNetwork, check_time_steps, simulate
 
 __all__ = [
     "load_split", "eval_loader", "calibration_batches", "load_ann", "convert_kwargs", "save_snn", "load_snn",
@@ -42,7 +42,7 @@ SNN_THRESHOLDS = "thresholds.safetensors"
 def load_split(data: DataConfig, split: str, seed: int, max_samples: int | None = None):
     """``(dataset, indices)`` of ``split``: "test" (the test set), or "val"/"train" (the seeded split of
     the training set that training used). ``max_samples`` keeps a seeded subset."""
-    from .data import load_dataset, split_train_val
+    from eclsnn.data import load_dataset, split_train_val
 
     if split not in ("test", "val", "train"):
         raise SimulationError(f"split must be 'test', 'val' or 'train', got {split!r}")
@@ -61,7 +61,7 @@ def load_split(data: DataConfig, split: str, seed: int, max_samples: int | None 
 
 
 def eval_loader(dataset, indices, batch_size: int, device: str | torch.device = "cpu", progress: str | None = None):
-    from .data import BatchLoader
+    from eclsnn.data import BatchLoader
 
     return BatchLoader(dataset, indices, batch_size=batch_size, shuffle=False, augment=False, device=device, progress=progress)
 
@@ -137,7 +137,7 @@ def load_snn(folder: str | os.PathLike, device: str | torch.device = "cpu") -> t
 def _is_clip_layer(model: nn.Module, name: str) -> bool:
     """Whether neuron ``name`` takes its θ from a learned λ (else it was calibrated, e.g. a ReLU
     module or a functional ReLU that conversion gave its own module)."""
-    from .clip import ThresholdClip
+    from eclsnn.core.clip import ThresholdClip
 
     try:
         return isinstance(model.get_submodule(name), ThresholdClip)

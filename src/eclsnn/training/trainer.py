@@ -1,6 +1,6 @@
 """Training loop: SGD with momentum, cosine schedule, validation split, crash-safe checkpoints, DDP.
 
-:func:`train` takes a :class:`~eclsnn.config.Config` and returns the run folder::
+:func:`train` takes a :class:`~eclsnn.recipes.config.Config` and returns the run folder::
 
     <output>/<run_name>/
         config.json             the settings of the (latest) start of the run
@@ -8,7 +8,7 @@
                                 lr = the learning rate of the epoch's first step, seconds), then one
                                 with the test accuracy of the final model
         summary.json            best epoch, final and test accuracy
-        checkpoints/last/       after every epoch (see eclsnn.checkpoint)
+        checkpoints/last/       after every epoch (see eclsnn.io.checkpoint)
         checkpoints/best/       the epoch with the best validation accuracy
 
 Reproducibility: every random choice derives from ``train.seed`` — the validation split and the
@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import (
+from eclsnn.io.checkpoint import (
     build_model,
     find_checkpoint,
     load_checkpoint,
@@ -52,9 +52,9 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .clip import ThresholdClip
-from .config import Config, config_to_dict
-from .errors import ConfigError, EclsnnError
+from eclsnn.core.clip import ThresholdClip
+from eclsnn.recipes.config import Config, config_to_dict
+from eclsnn.errors import ConfigError, EclsnnError
 
 __all__ = ["TrainingError", "train", "run_folder", "default_run_name", "parameter_groups", "lr_lambda", "schedule_factor"]
 
@@ -270,7 +270,7 @@ class _Trainer:
     # ---- data ------------------------------------------------------------------------------------
 
     def _load(self, train: bool):
-        from .data import load_dataset
+        from eclsnn.data import load_dataset
 
         d = self.cfg.data
         if d.download and self.ddp.enabled and not self.ddp.is_main:
@@ -282,7 +282,7 @@ class _Trainer:
         return data
 
     def _setup_data(self) -> None:
-        from .data import BatchLoader, split_train_val
+        from eclsnn.data import BatchLoader, split_train_val
 
         cfg, t = self.cfg, self.cfg.train
         if t.batch_size % self.ddp.world_size:
@@ -313,7 +313,7 @@ class _Trainer:
     def _eval_loader(self, dataset, indices: torch.Tensor):
         """This rank's share of an evaluation set: ``indices[rank::world_size]``, without the
         wrap-around padding of the training sharding, so the summed metrics count every sample once."""
-        from .data import BatchLoader
+        from eclsnn.data import BatchLoader
 
         mine = indices[self.ddp.rank :: self.ddp.world_size]
         if len(mine) == 0:
@@ -324,7 +324,7 @@ class _Trainer:
     # ---- model -----------------------------------------------------------------------------------
 
     def _model_kwargs(self) -> dict[str, Any]:
-        from .models import MODEL_DEFAULTS
+        from eclsnn.models import MODEL_DEFAULTS
 
         m = self.cfg.model
         stem = m.stem
@@ -340,13 +340,13 @@ class _Trainer:
         }
 
     def _create(self, kwargs: dict[str, Any]) -> nn.Module:
-        from .models import create
+        from eclsnn.models import create
 
         kwargs = dict(kwargs)
         return create(kwargs.pop("arch"), **kwargs)
 
     def _calibration_batches(self) -> list[torch.Tensor]:
-        from .data import BatchLoader
+        from eclsnn.data import BatchLoader
 
         t = self.cfg.train
         # The same batches on every rank (world_size=1 here), so every rank computes the same λ.
@@ -361,7 +361,7 @@ class _Trainer:
         return batches
 
     def _init_from(self, model: nn.Module) -> None:
-        from .convert import prepare
+        from eclsnn.conversion.converter import prepare
 
         t = self.cfg.train
         ckpt = load_checkpoint(t.init_from)
@@ -411,7 +411,7 @@ class _Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.loop = None
         if t.snn_epochs:
-            from .finetune import SpikingLoop
+            from eclsnn.training.spiking_loop import SpikingLoop
 
             c = self.cfg.convert
             self.loop = SpikingLoop(model, t.snn_time_steps, neuron=c.neuron, v_init=c.v_init,

@@ -22,9 +22,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import ConversionError
-from .neurons import DualThresholdIFNeuron, IFNeuron
-from .simulate import SpikingNetwork
+from eclsnn.errors import ConversionError
+from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron
+from eclsnn.simulation.network import SpikingNetwork
 
 __all__ = ["FORMAT", "describe", "export_npz", "export_json"]
 

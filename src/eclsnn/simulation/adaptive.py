@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import SimulationError
-from .neurons import DualThresholdIFNeuron
-from .simulate import SpikingNetwork, _check_input, _check_network, check_time_steps
+from eclsnn.errors import SimulationError
+from eclsnn.core.neurons import DualThresholdIFNeuron
+from eclsnn.simulation.network import SpikingNetwork, _check_input, _check_network, check_time_steps
 
 __all__ = ["simulate_adaptive", "evaluate_adaptive", "calibrate_margin", "AdaptiveResult", "DEFAULT_BLOCK"]
 

@@ -2,7 +2,7 @@
 
 A config file has the sections ``[data] [model] [train] [convert] [evaluate]``; every key is
 optional and defaults to the Fashion-MNIST demo. Everything a run depends on lives here, so a
-run folder's ``config.json`` (written by :func:`eclsnn.train.train`) is enough to repeat it.
+run folder's ``config.json`` (written by :func:`eclsnn.training.trainer.train`) is enough to repeat it.
 
 TOML has no null, so the optional settings use a sentinel in files: ``""`` for an unset string
 (``data_dir``, ``stem``, ``init_from``, ``run_name``) and ``0`` for an unset count
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from .errors import ConfigError
+from eclsnn.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -96,7 +96,7 @@ class TrainConfig:
 
     ``snn_epochs``: the last that many epochs train with the converted SNN in the loop at
     ``snn_time_steps`` (the ``[convert]`` neuron settings), on the same optimizer and schedule; see
-    :mod:`eclsnn.finetune`. The best checkpoint is then chosen among those epochs by the SNN's
+    :mod:`eclsnn.training.spiking_loop`. The best checkpoint is then chosen among those epochs by the SNN's
     validation accuracy at ``snn_time_steps``.
     """
 
@@ -109,7 +109,7 @@ class TrainConfig:
     threshold_weight_decay: float = 0.0
     label_smoothing: float = 0.0
     warmup_epochs: int = 0
-    snn_epochs: int = 0  # the last N epochs train with the converted SNN in the loop (eclsnn.finetune)
+    snn_epochs: int = 0  # the last N epochs train with the converted SNN in the loop (eclsnn.training.spiking_loop)
     snn_time_steps: int = 2  # T of the SNN in those epochs
     snn_lr: float = 0.0  # > 0: those epochs restart the cosine schedule from this lr (0: one schedule throughout)
     seed: int = 0

@@ -40,7 +40,7 @@ signed mean, in the activation's units and in units of θ.
 - Neuron updates: one per neuron per step (reported, not included in the energy).
 - Energy: ``E_AC = 0.9 pJ`` per SOP, ``E_MAC = 4.6 pJ`` per MAC (45 nm, Horowitz 2014).
 
-Errors and spikes are observed with :func:`eclsnn.simulate.observe_neurons`, which wraps each neuron's ``multi_step`` (the simulator calls it
+Errors and spikes are observed with :func:`eclsnn.simulation.network.observe_neurons`, which wraps each neuron's ``multi_step`` (the simulator calls it
 directly, not through ``__call__``, so ``nn.Module`` forward hooks do not see it); operations by
 forward (pre-)hooks on the synaptic and pooling modules. Nothing about the simulation changes.
 """
@@ -56,9 +56,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import SimulationError
-from .neurons import SpikingNeuron
-from .simulate import SpikingNetwork, check_time_steps, observe_neurons, simulate
+from eclsnn.errors import SimulationError
+from eclsnn.core.neurons import SpikingNeuron
+from eclsnn.simulation.network import SpikingNetwork, check_time_steps, observe_neurons, simulate
 
 __all__ = [
     "E_AC_PJ", "E_MAC_PJ", "ERRORS", "quantized_reference", "layer_errors", "fanout_map", "synapse_kinds",
@@ -601,10 +601,10 @@ def analyze_checkpoint(
     (the rule and batch count of the checkpoint's ``[convert]`` settings), computed once and shared
     by every variant. Writes ``analysis.json``, ``analysis.md`` and ``analysis.png`` into ``output``
     (default: ``RUN/analysis``). Returns the results and the output folder."""
-    from .clip import ThresholdClip
-    from .config import config_from_dict, load_config
-    from .convert import convert
-    from .experiment import calibration_batches, eval_loader, load_ann, load_split, write_json
+    from eclsnn.core.clip import ThresholdClip
+    from eclsnn.recipes.config import config_from_dict, load_config
+    from eclsnn.conversion.converter import convert
+    from eclsnn.recipes.common import calibration_batches, eval_loader, load_ann, load_split, write_json
 
     check_time_steps(time_steps)
     model, ckpt = load_ann(checkpoint, device)

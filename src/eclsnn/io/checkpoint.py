@@ -44,7 +44,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .errors import CheckpointError
+from eclsnn.errors import CheckpointError
 
 __all__ = [
     "FORMAT",
@@ -73,7 +73,7 @@ _UNPICKLE_MESSAGE = (
     "eclsnn never unpickles files (unpickling can run arbitrary code). If you trust the file, convert it "
     "yourself: `sd = torch.load(path, weights_only=True); safetensors.torch.save_file(sd, "
     "'model.safetensors')`, then load the weights into a model from eclsnn.models.create and save an "
-    "eclsnn checkpoint with eclsnn.checkpoint.save_checkpoint"
+    "eclsnn checkpoint with eclsnn.io.checkpoint.save_checkpoint"
 )
 
 
@@ -324,7 +324,7 @@ def save_checkpoint(
     Raises :class:`CheckpointError` if the files cannot be written (e.g. a full disk); the previous
     checkpoint at `dest` is then left as it was.
     """
-    from . import __version__
+    from eclsnn import __version__
 
     dest = Path(dest)
     parent = dest.parent
@@ -609,7 +609,7 @@ def build_model(ckpt: Checkpoint) -> nn.Module:
     ``meta["model"]`` holds the keyword arguments of ``create`` with the model name under ``"arch"``.
     The model is returned in eval mode on the CPU.
     """
-    from .models import create
+    from eclsnn.models import create
 
     kwargs = dict(ckpt.meta.get("model") or {})
     arch = kwargs.pop("arch", None) or kwargs.pop("name", None)

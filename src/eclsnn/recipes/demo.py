@@ -11,10 +11,10 @@ import argparse
 import time
 from pathlib import Path
 
-from .config import load_config, parse_overrides
-from .convert import convert
-from .experiment import DEMO_VARIANTS, eval_loader, evaluate_variants, format_table, load_ann, load_split, plot_accuracy_vs_t, write_json
-from .train import train
+from eclsnn.recipes.config import load_config, parse_overrides
+from eclsnn.conversion.converter import convert
+from eclsnn.recipes.common import DEMO_VARIANTS, eval_loader, evaluate_variants, format_table, load_ann, load_split, plot_accuracy_vs_t, write_json
+from eclsnn.training.trainer import train
 
 REPORTED_STEPS = (1, 2, 4, 8)
 

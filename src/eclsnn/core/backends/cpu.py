@@ -4,7 +4,7 @@ average pooling that follows a neuron layer) and the threshold clipping function
 Why: in eager PyTorch every line of a neuron update or of the clip is one pass over memory, and these
 tensors are the largest of a network; the dense convolutions are already fast. The kernels in
 ``_kernels.c`` do each update in one pass with the state in L1 cache, and perform exactly the
-floating-point operations of the reference functions in :mod:`eclsnn.functional` (same order, no
+floating-point operations of the reference functions in :mod:`eclsnn.core.functional` (same order, no
 fused multiply-add, no fast-math), so they are bit-identical to them — ``tests/test_kernels.py``
 checks this for every kernel, and the simulator's spike-for-spike test runs through them.
 
@@ -320,7 +320,7 @@ def clip_forward(z: torch.Tensor, lam: torch.Tensor, levels: int | None, shift: 
 def clip_backward(grad: torch.Tensor, z: torch.Tensor, lam: torch.Tensor, levels: int | None, shift: float,
                   want_z: bool, want_lam: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dL/dz, dL/dλ) of :func:`clip_forward` with the straight-through gradient of
-    :class:`eclsnn.functional._ThresholdClipFn`; ``grad`` must have the layout of ``z``. dL/dλ is
+    :class:`eclsnn.core.functional._ThresholdClipFn`; ``grad`` must have the layout of ``z``. dL/dλ is
     ``[C]`` (or a 0-dim tensor) in float64, summed in a fixed order that does not depend on the threads."""
     lib = _load()
     n, sfx, L = z.numel(), _suffix(z), int(levels or 0)

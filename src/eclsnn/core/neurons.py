@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import functional as SF
-from . import kernels
-from .clip import channel_view
-from .errors import ConversionError, SimulationError
+from eclsnn.core import functional as SF
+from eclsnn.core.backends import cpu as kernels
+from eclsnn.core.clip import channel_view
+from eclsnn.errors import ConversionError, SimulationError
 
 __all__ = ["IFNeuron", "DualThresholdIFNeuron", "SpikingNeuron"]
 
@@ -56,7 +56,7 @@ class SpikingNeuron(nn.Module):
     def _initial_v(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         return (theta * self.v_init).expand_as(x).clone()
 
-    # -- fused CPU kernels (eclsnn.kernels): the same arithmetic in one pass ----------------------
+    # -- fused CPU kernels (eclsnn.core.backends.cpu): the same arithmetic in one pass ----------------------
     def _kernel_state(self, y: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The state to start a multi-step run from, with the memory layout of one step ``y`` (the kernels
         need equal layouts): the carried state if :attr:`carry_state`, else fresh."""

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .errors import ConfigError
-from .functional import LAMBDA_MIN, threshold_clip
+from eclsnn.errors import ConfigError
+from eclsnn.core.functional import LAMBDA_MIN, threshold_clip
 
 __all__ = ["ThresholdClip", "channel_view"]
 
