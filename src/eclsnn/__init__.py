@@ -8,7 +8,8 @@ activations at a small T.
 
 from eclsnn.core.clip import ThresholdClip
 from eclsnn.conversion.converter import convert, fold_batchnorm, prepare
-from eclsnn.errors import CheckpointError, ConfigError, ConversionError, DataError, EclsnnError, SimulationError
+from eclsnn.errors import (CheckpointError, ConfigError, ConversionError, DataError, EclsnnError, SimulationError,
+                           SpikingLoopError, TrainingError)
 from eclsnn.training.spiking_loop import SpikingLoop
 from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron, SpikingNeuron
 from eclsnn.io.nir import from_nir, to_nir
@@ -37,4 +38,6 @@ __all__ = [
     "ConfigError",
     "CheckpointError",
     "DataError",
+    "TrainingError",
+    "SpikingLoopError",
 ]

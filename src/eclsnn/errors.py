@@ -23,3 +23,11 @@ class CheckpointError(EclsnnError, ValueError):
 
 class DataError(EclsnnError, ValueError):
     """A data set cannot be found or read."""
+
+
+class TrainingError(EclsnnError):
+    """Training cannot continue (a non-finite loss or non-finite weights)."""
+
+
+class SpikingLoopError(EclsnnError):
+    """The network cannot be trained with its spiking network in the loop."""

@@ -23,6 +23,7 @@ from eclsnn.errors import ConversionError
 from eclsnn.core.functional import LAMBDA_MIN
 from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron
 from eclsnn.simulation.network import SpikingNetwork
+from eclsnn._util import DEFAULT_INIT_THRESHOLD
 
 __all__ = ["convert", "prepare", "trace", "fold_batchnorm", "NEURONS"]
 
@@ -433,7 +434,7 @@ def prepare(
     calibration=None,
     percentile: float = 99.9,
     per_channel: bool = False,
-    init_threshold: float = 4.0,
+    init_threshold: float = DEFAULT_INIT_THRESHOLD,
 ) -> fx.GraphModule:
     """A copy of a ReLU network with each ReLU replaced by a :class:`ThresholdClip` — the way to
     fine-tune a pretrained network instead of training from scratch.

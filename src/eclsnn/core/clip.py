@@ -8,6 +8,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from eclsnn.errors import ConfigError
 from eclsnn.core.functional import LAMBDA_MIN, threshold_clip
+from eclsnn._util import DEFAULT_INIT_THRESHOLD
 
 __all__ = ["ThresholdClip", "channel_view"]
 
@@ -44,7 +45,7 @@ class ThresholdClip(LazyModuleMixin, nn.Module):
     def __init__(
         self,
         levels: int | None = 4,
-        init_threshold: float = 4.0,
+        init_threshold: float = DEFAULT_INIT_THRESHOLD,
         per_channel: bool = False,
         num_channels: int | None = None,
         shift: float = 0.5,

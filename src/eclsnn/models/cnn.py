@@ -14,6 +14,7 @@ from torch import nn
 
 from .layers import activation_factory, conv_bn_act, init_weights, make_dropout, make_pool
 from .registry import register
+from eclsnn._util import DEFAULT_INIT_THRESHOLD
 
 __all__ = ["FashionCNN"]
 
@@ -39,7 +40,7 @@ class FashionCNN(nn.Module):
         num_classes: int = 10,
         activation: str = "clip",
         levels: int | None = 4,
-        init_threshold: float = 4.0,
+        init_threshold: float = DEFAULT_INIT_THRESHOLD,
         per_channel: bool = False,
         in_channels: int = 1,
         pool: str = "avg",

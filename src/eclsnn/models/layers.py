@@ -14,6 +14,7 @@ from torch import nn
 
 from eclsnn.core.clip import ThresholdClip
 from eclsnn.errors import ConfigError
+from eclsnn._util import DEFAULT_INIT_THRESHOLD
 
 __all__ = [
     "ACTIVATIONS",
@@ -51,7 +52,7 @@ def _check_clip_args(levels: int | None, init_threshold: float) -> None:
 def make_activation(
     activation: str = "clip",
     levels: int | None = 4,
-    init_threshold: float = 4.0,
+    init_threshold: float = DEFAULT_INIT_THRESHOLD,
     per_channel: bool = False,
     num_channels: int | None = None,
 ) -> nn.Module:
@@ -71,7 +72,7 @@ def make_activation(
 
 
 def activation_factory(
-    activation: str = "clip", levels: int | None = 4, init_threshold: float = 4.0, per_channel: bool = False
+    activation: str = "clip", levels: int | None = 4, init_threshold: float = DEFAULT_INIT_THRESHOLD, per_channel: bool = False
 ) -> ActivationFactory:
     """Validate the activation settings once and return ``num_channels -> new activation module``."""
     _check_choice("activation", activation, ACTIVATIONS)

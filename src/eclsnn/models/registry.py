@@ -17,6 +17,7 @@ from torch import nn
 
 from eclsnn.errors import ConfigError
 from .layers import ACTIVATIONS, POOLS, _check_choice, _check_clip_args
+from eclsnn._util import DEFAULT_INIT_THRESHOLD
 
 __all__ = ["MODEL_DEFAULTS", "register", "create", "list_models", "input_size"]
 
@@ -81,7 +82,7 @@ def create(
     num_classes: int,
     activation: str = "clip",
     levels: int | None = 4,
-    init_threshold: float = 4.0,
+    init_threshold: float = DEFAULT_INIT_THRESHOLD,
     per_channel: bool = False,
     in_channels: int | None = None,
     pool: str = "avg",

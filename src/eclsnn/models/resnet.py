@@ -19,6 +19,7 @@ from torch import nn
 
 from .layers import ActivationFactory, activation_factory, init_weights, make_dropout, make_pool
 from .registry import register
+from eclsnn._util import DEFAULT_INIT_THRESHOLD
 
 __all__ = ["BasicBlock", "ResNet"]
 
@@ -57,7 +58,7 @@ class ResNet(nn.Module):
         num_classes: int,
         activation: str = "clip",
         levels: int | None = 4,
-        init_threshold: float = 4.0,
+        init_threshold: float = DEFAULT_INIT_THRESHOLD,
         per_channel: bool = False,
         in_channels: int = 3,
         pool: str = "avg",

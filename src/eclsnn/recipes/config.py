@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from eclsnn.errors import ConfigError
+from eclsnn._util import DEFAULT_INIT_THRESHOLD
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -78,7 +79,7 @@ class ModelConfig:
     arch: str = "cnn-fmnist"
     activation: str = "clip"  # "clip": learnable threshold clipping function; "relu": plain ANN
     levels: int | None = 4  # quantisation levels L of the clip; 0/None: plain clamp(z, 0, λ)
-    init_threshold: float = 2.0  # initial λ (the demo's, chosen on the validation split)
+    init_threshold: float = DEFAULT_INIT_THRESHOLD  # initial λ (chosen on the validation split; eclsnn._util)
     per_channel: bool = False  # one λ per channel instead of one per layer
     pool: str = "avg"  # "max" has no exact spiking form (SPEC); conversion then needs a policy
     stem: str | None = None  # None: the model's default stem for the data set's image size

@@ -29,14 +29,10 @@ from torch import nn
 
 from eclsnn.core.clip import ThresholdClip
 from eclsnn.conversion.converter import convert
-from eclsnn.errors import EclsnnError
+from eclsnn.errors import EclsnnError, SpikingLoopError
 from eclsnn.simulation.network import SpikingNetwork, check_time_steps, observe_neurons
 
 __all__ = ["SpikingLoop", "SpikingLoopError", "layer_rates"]
-
-
-class SpikingLoopError(EclsnnError):
-    """The network cannot be trained with its spiking network in the loop."""
 
 
 @torch.no_grad()

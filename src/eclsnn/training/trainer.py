@@ -54,13 +54,9 @@ from eclsnn.io.checkpoint import (
 )
 from eclsnn.core.clip import ThresholdClip
 from eclsnn.recipes.config import Config, config_to_dict
-from eclsnn.errors import ConfigError, EclsnnError
+from eclsnn.errors import ConfigError, EclsnnError, TrainingError
 
 __all__ = ["TrainingError", "train", "run_folder", "default_run_name", "parameter_groups", "lr_lambda", "schedule_factor"]
-
-
-class TrainingError(EclsnnError):
-    """Training cannot continue (a non-finite loss or non-finite weights)."""
 
 
 # --------------------------------------------------------------------------------------------------
