@@ -22,7 +22,7 @@ import statistics
 
 from eclsnn import convert, simulate
 from eclsnn.simulation.adaptive import DEFAULT_BLOCK, calibrate_margin, evaluate_adaptive
-from eclsnn.recipes.config import config_from_dict
+from eclsnn.config import config_from_dict
 from eclsnn.recipes.common import eval_loader, load_ann, load_split
 
 OUT = Path(__file__).resolve().parent / "results"

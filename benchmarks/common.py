@@ -7,7 +7,7 @@ import fcntl
 import shutil
 from pathlib import Path
 
-from eclsnn.recipes.config import load_config
+from eclsnn.config import load_config
 from eclsnn.training.trainer import train
 
 ROOT = Path(__file__).resolve().parent

@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import eclsnn  # noqa: E402
 from common import CONFIG, ensure_run  # noqa: E402
-from eclsnn.recipes.config import load_config  # noqa: E402
+from eclsnn.config import load_config  # noqa: E402
 from eclsnn.conversion.converter import fold_batchnorm, trace  # noqa: E402
 from eclsnn.recipes.common import calibration_batches, eval_loader, load_ann, load_split, write_json  # noqa: E402
 

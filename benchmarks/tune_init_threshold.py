@@ -11,7 +11,7 @@ import argparse
 import tempfile
 
 from eclsnn import convert
-from eclsnn.recipes.config import load_config
+from eclsnn.config import load_config
 from eclsnn.recipes.common import eval_loader, evaluate_variants, load_ann, load_split
 from eclsnn.training.trainer import train
 

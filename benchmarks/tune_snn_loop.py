@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import eclsnn  # noqa: E402
 from common import CONFIG, ensure_loop_run, ensure_run  # noqa: E402
-from eclsnn.recipes.config import load_config  # noqa: E402
+from eclsnn.config import load_config  # noqa: E402
 from eclsnn.recipes.common import eval_loader, evaluate_variants, load_ann, load_split, write_json  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "snn_loop"

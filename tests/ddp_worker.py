@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from eclsnn.training import trainer as train_mod
-from eclsnn.recipes.config import load_config
+from eclsnn.config import load_config
 from eclsnn.data import BatchLoader, load_dataset, split_train_val
 from eclsnn.models import create
 

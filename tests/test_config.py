@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eclsnn.recipes.config import (
+from eclsnn.config import (
     SECTIONS,
     Config,
     config_from_dict,

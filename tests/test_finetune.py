@@ -160,7 +160,7 @@ def test_training_runs_the_last_epochs_with_the_snn_in_the_loop(tmp_path):
 
 
 def test_the_in_the_loop_epochs_can_restart_the_schedule():
-    from eclsnn.recipes.config import load_config
+    from eclsnn.config import load_config
     from eclsnn.training.trainer import lr_lambda, schedule_factor
 
     one = load_config(None, {"train.epochs": 5, "train.snn_epochs": 1}).train

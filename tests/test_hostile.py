@@ -22,7 +22,7 @@ from eclsnn import (
     simulate,
 )
 from eclsnn.cli import main
-from eclsnn.recipes.config import load_config
+from eclsnn.config import load_config
 
 
 def _net():

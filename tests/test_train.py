@@ -14,7 +14,7 @@ import torch
 
 from eclsnn.io.checkpoint import build_model, load_checkpoint, resolve_checkpoint
 from eclsnn.core.clip import ThresholdClip
-from eclsnn.recipes.config import load_config
+from eclsnn.config import load_config
 from eclsnn.errors import ConfigError, DataError
 from eclsnn.training.trainer import TrainingError, lr_lambda, parameter_groups, train
 
@@ -186,7 +186,7 @@ def test_killed_during_a_checkpoint_write_then_resumed_is_bit_identical(referenc
     checkpoints/last/model.safetensors; the epoch-1 checkpoint stays readable and resuming from it
     ends bit-identical to the uninterrupted run."""
     overrides = {**TINY, "train.output": str(tmp_path)}
-    script = ("import json, sys; from eclsnn.recipes.config import load_config; from eclsnn.training.trainer import train; "
+    script = ("import json, sys; from eclsnn.config import load_config; from eclsnn.training.trainer import train; "
               "train(load_config(None, json.loads(sys.argv[1])))")
     env = {**os.environ, "ECLSNN_FAULT_CHECKPOINT": "last/model.safetensors:300:2"}
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(overrides)], env=env, capture_output=True,

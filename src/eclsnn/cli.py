@@ -181,7 +181,7 @@ def _version() -> str:
 
 
 def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
-    from eclsnn.recipes.config import parse_overrides
+    from eclsnn.config import parse_overrides
 
     out = parse_overrides(getattr(args, "set", []) or [])
     for dest, key in flags.items():
@@ -193,7 +193,7 @@ def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any
 
 def _config(args: argparse.Namespace, flags: dict[str, str], base: dict[str, Any] | None = None):
     """Config from (checkpoint's config) ← --config ← --set ← flags."""
-    from eclsnn.recipes.config import config_from_dict, config_to_dict, load_config
+    from eclsnn.config import config_from_dict, config_to_dict, load_config
 
     overrides = _overrides(args, flags)
     if getattr(args, "config", None):
@@ -379,7 +379,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from eclsnn.recipes.ablate import format_ablation, run_ablation
-    from eclsnn.recipes.config import parse_overrides
+    from eclsnn.config import parse_overrides
 
     results = run_ablation(
         seeds=args.seeds, epochs=args.epochs, output=args.output, runs_dir=args.runs_dir, max_samples=args.max_samples,

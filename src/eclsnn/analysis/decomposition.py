@@ -602,7 +602,7 @@ def analyze_checkpoint(
     by every variant. Writes ``analysis.json``, ``analysis.md`` and ``analysis.png`` into ``output``
     (default: ``RUN/analysis``). Returns the results and the output folder."""
     from eclsnn.core.clip import ThresholdClip
-    from eclsnn.recipes.config import config_from_dict, load_config
+    from eclsnn.config import config_from_dict, load_config
     from eclsnn.conversion.converter import convert
     from eclsnn.recipes.common import calibration_batches, eval_loader, load_ann, load_split, write_json
 

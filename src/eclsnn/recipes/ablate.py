@@ -65,7 +65,7 @@ def ensure_run(
     """The run folder of ``cnn-fmnist`` trained with the demo config and ``activation`` (same budget and
     seed for both activations); trained — or finished, if interrupted — when missing. A file lock
     keeps two processes from training the same run at once."""
-    from eclsnn.recipes.config import load_config
+    from eclsnn.config import load_config
     from eclsnn.training.trainer import train
 
     runs = Path(runs_dir)
@@ -109,7 +109,7 @@ def _measure_seed(
     calibration_batches: int, data_dir: str | None, progress: bool,
 ) -> dict[str, Any]:
     """Test accuracy of every grid/sweep variant on both networks and validation accuracy of the sweep."""
-    from eclsnn.recipes.config import config_from_dict
+    from eclsnn.config import config_from_dict
     from eclsnn.conversion.converter import convert
     from eclsnn.recipes.common import calibration_batches as calib_batches
     from eclsnn.recipes.common import eval_loader, evaluate_variants, load_ann, load_split

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from eclsnn.io.checkpoint import Checkpoint, build_model, load_checkpoint, resolve_checkpoint
-from eclsnn.recipes.config import ConvertConfig, DataConfig
+from eclsnn.config import ConvertConfig, DataConfig
 from eclsnn.conversion.converter import convert
 from eclsnn.errors import CheckpointError, SimulationError
 from eclsnn.simulation.network import SpikingNetwork, check_time_steps, simulate

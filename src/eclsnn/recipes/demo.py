@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from eclsnn.recipes.config import load_config, parse_overrides
+from eclsnn.config import load_config, parse_overrides
 from eclsnn.conversion.converter import convert
 from eclsnn.recipes.common import DEMO_VARIANTS, eval_loader, evaluate_variants, format_table, load_ann, load_split, plot_accuracy_vs_t, write_json
 from eclsnn.training.trainer import train

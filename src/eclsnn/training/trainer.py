@@ -1,6 +1,6 @@
 """Training loop: SGD with momentum, cosine schedule, validation split, crash-safe checkpoints, DDP.
 
-:func:`train` takes a :class:`~eclsnn.recipes.config.Config` and returns the run folder::
+:func:`train` takes a :class:`~eclsnn.config.Config` and returns the run folder::
 
     <output>/<run_name>/
         config.json             the settings of the (latest) start of the run
@@ -53,7 +53,7 @@ from eclsnn.io.checkpoint import (
     save_checkpoint,
 )
 from eclsnn.core.clip import ThresholdClip
-from eclsnn.recipes.config import Config, config_to_dict
+from eclsnn.config import Config, config_to_dict
 from eclsnn.errors import ConfigError, EclsnnError, TrainingError
 
 __all__ = ["TrainingError", "train", "run_folder", "default_run_name", "parameter_groups", "lr_lambda", "schedule_factor"]
