@@ -54,7 +54,7 @@ wheel-check: venv
 	  ECLSNN_KERNELS=on ECLSNN_CACHE_DIR=$(CURDIR)/wheel-check-out/cache $(CURDIR)/$(WHEEL_VENV)/bin/eclsnn convert \
 	  $(CURDIR)/tests/fixtures/main-0.1.0/run -o $(CURDIR)/wheel-check-out/snn && \
 	  ECLSNN_KERNELS=on ECLSNN_CACHE_DIR=$(CURDIR)/wheel-check-out/cache $(CURDIR)/$(WHEEL_VENV)/bin/python -c \
-	  "import torch, eclsnn; from eclsnn import kernels; m = torch.nn.Sequential(torch.nn.Linear(4, 4), eclsnn.ThresholdClip(levels=4)); \
+	  "import torch, eclsnn; from eclsnn.core.backends import cpu as kernels; m = torch.nn.Sequential(torch.nn.Linear(4, 4), eclsnn.ThresholdClip(levels=4)); \
 	   s = eclsnn.simulate(eclsnn.convert(m), torch.randn(2, 4), 4); assert kernels.available(), kernels.build_error(); print('wheel check: ok')"
 	rm -rf dist-check $(WHEEL_VENV) wheel-check-out build
 
