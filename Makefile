@@ -37,6 +37,7 @@ demo: venv data
 	$(VENV)/bin/eclsnn demo --output $(DEMO_OUT)
 
 test: venv data wheel-check
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 # The built wheel, installed (not editable) in a venv of its own, converts a checkpoint with a fresh kernel

@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 from eclsnn.config import load_config
+from eclsnn.recipes import runs
+from eclsnn.recipes.runs import run_name  # noqa: F401  (the benchmarks name runs with it)
 from eclsnn.training.trainer import train
 
 ROOT = Path(__file__).resolve().parent
@@ -15,30 +17,12 @@ RUNS = ROOT / "runs"
 CONFIG = ROOT.parent / "configs" / "fmnist-cnn.toml"
 
 
-def run_name(activation: str, levels: int | None, seed: int, epochs: int) -> str:
-    kind = "relu" if activation == "relu" else f"clip-L{levels}"
-    return f"fmnist-{kind}-e{epochs}-s{seed}"
-
-
 def ensure_run(activation: str = "clip", levels: int | None = 4, seed: int = 0, epochs: int = 4, tag: str = "",
                **overrides) -> Path:
     """The run folder of cnn-fmnist trained with the demo config (same budget and seed for every
     activation); trains it (or finishes it) if needed. ``overrides`` (config keys) change the recipe;
     ``tag`` then names the variant in the run folder's name."""
-    RUNS.mkdir(parents=True, exist_ok=True)
-    name = run_name(activation, levels, seed, epochs) + (f"-{tag}" if tag else "")
-    with open(RUNS / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        run = RUNS / name
-        summary = run / "summary.json"
-        if summary.is_file() and (run / "checkpoints" / "last").is_dir():
-            return run
-        cfg = load_config(CONFIG, {
-            "model.activation": activation, "model.levels": levels if activation != "relu" else 4,
-            "train.seed": seed, "train.epochs": epochs, "train.output": str(RUNS), "train.run_name": name,
-            "train.resume": True, "train.progress": False, **overrides,
-        })
-        return train(cfg)
+    return runs.ensure_run(RUNS, activation, levels, seed, epochs, overrides=overrides, config_path=CONFIG, tag=tag)
 
 
 def ensure_loop_run(levels: int, seed: int, epochs: int, snn_epochs: int, snn_lr: float, **overrides) -> Path:
@@ -55,7 +39,7 @@ def ensure_loop_run(levels: int, seed: int, epochs: int, snn_epochs: int, snn_lr
     with open(RUNS / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         run = RUNS / name
-        if (run / "summary.json").is_file() and (run / "checkpoints" / "last").is_dir():
+        if runs.is_finished(run):
             return run
         if not (run / "checkpoints" / "last").is_dir():
             shutil.rmtree(run, ignore_errors=True)

@@ -92,7 +92,7 @@ def build_ann(arch: str) -> torch.nn.Module:
 def _per_layer(snn, run) -> dict[str, np.ndarray]:
     """Per-step spike counts (Σ s over the layer) and a digest of each layer's spike maps, from ``run()``
     under the neuron observer (multi-step) or forward hooks (single-step)."""
-    from eclsnn.simulation.network import observe_neurons
+    from eclsnn.simulation import observe_neurons
 
     seen: dict[str, list[torch.Tensor]] = {}
 

@@ -18,6 +18,7 @@ from torch import nn
 import eclsnn
 from eclsnn import ThresholdClip
 from eclsnn.core.backends import cpu as kernels
+from eclsnn.simulation.executor import fused_neuron_pool
 from eclsnn.core import functional as SF
 from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron
 
@@ -87,20 +88,20 @@ def test_fused_neuron_and_average_pooling_equal_neuron_then_pool(dtype, kind, sh
     n = _neuron(kind, torch.rand(shape[1], generator=torch.Generator().manual_seed(2)) + 0.5)
     ref, ref_v, _ = _reference(n, x)
     pooled_ref = F.avg_pool2d(ref.flatten(0, 1), k).view(T, shape[0], shape[1], shape[2] // k, shape[3] // k)
-    pooled = n.multi_step_pooled(x, k)
+    pooled = fused_neuron_pool(n, x, k)
     assert pooled is not None
     assert torch.equal(pooled, pooled_ref)
     assert torch.equal(n.v, ref_v)
     const = x[0].unsqueeze(0).expand(T, *x.shape[1:])
     ref_c = F.avg_pool2d(_reference(n, const)[0].flatten(0, 1), k)
-    assert torch.equal(n.multi_step_pooled(const, k).flatten(0, 1), ref_c)
+    assert torch.equal(fused_neuron_pool(n, const, k).flatten(0, 1), ref_c)
 
 
 def test_fused_pooling_declines_what_it_cannot_do_exactly():
     n = IFNeuron(1.0)
-    assert n.multi_step_pooled(_seq(2, (2, 4, 6, 6), torch.float32, "contiguous"), 2) is None  # not channels-last
-    assert n.multi_step_pooled(_seq(2, (2, 4, 7, 7), torch.float32, "channels_last"), 2) is None  # 7 % 2
-    assert n.multi_step_pooled(_seq(2, (2, 4, 6, 6), torch.float16, "channels_last"), 2) is None  # dtype
+    assert fused_neuron_pool(n, _seq(2, (2, 4, 6, 6), torch.float32, "contiguous"), 2) is None  # not channels-last
+    assert fused_neuron_pool(n, _seq(2, (2, 4, 7, 7), torch.float32, "channels_last"), 2) is None  # 7 % 2
+    assert fused_neuron_pool(n, _seq(2, (2, 4, 6, 6), torch.float16, "channels_last"), 2) is None  # dtype
 
 
 @pytest.mark.parametrize("kind", ["if", "dual"])
@@ -275,8 +276,9 @@ def test_fast_simulation_is_spike_for_spike_equal_to_a_plain_single_step_loop(ne
             del mod.single_step
         snn.set_step_mode("multi")
     assert torch.equal(fast, ref)
-    # the spike trains of the (unfused) kernel path, recorded by wrapping multi_step
-    spikes = _record(snn, "multi_step")
+    # the spike trains of the (unfused) kernel path, recorded by an observer
+    spikes = {}
+    snn.add_observer(lambda name, node, inp, out: spikes.setdefault(name, []).append(out.clone()))
     snn.max_rows = None
     assert torch.equal(snn.run(x, T), ref)
     for name in spikes_ref:
@@ -302,7 +304,7 @@ def test_fusion_and_sub_batching_change_nothing_in_float32():
 def test_fusion_is_planned_for_plain_average_pooling_only():
     model = _trained_like(PoolNet())
     snn = eclsnn.convert(model)
-    _, _, fusions = snn._plan_graph()
+    fusions = snn.plan().fusions
     assert [k for _, k in fusions.values()] == [2]  # the 2×2 average pool, not the adaptive pool
 
 

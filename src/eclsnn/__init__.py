@@ -8,14 +8,15 @@ activations at a small T.
 
 from eclsnn.core.clip import ThresholdClip
 from eclsnn.conversion.converter import convert, fold_batchnorm, prepare
-from eclsnn.errors import (CheckpointError, ConfigError, ConversionError, DataError, EclsnnError, SimulationError,
-                           SpikingLoopError, TrainingError)
+from eclsnn.core.backends import use_backend
+from eclsnn.errors import (BackendError, CheckpointError, ConfigError, ConversionError, DataError, EclsnnError,
+                           SimulationError, SpikingLoopError, TrainingError)
 from eclsnn.training.spiking_loop import SpikingLoop
 from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron, SpikingNeuron
 from eclsnn.io.nir import from_nir, to_nir
-from eclsnn.simulation.network import SpikingNetwork, evaluate, evaluate_ann, simulate
+from eclsnn.simulation import SpikingNetwork, evaluate, evaluate_ann, simulate
 
-__version__ = "0.1.0"
+from eclsnn._util import __version__
 
 __all__ = [
     "ThresholdClip",
@@ -32,7 +33,9 @@ __all__ = [
     "evaluate_ann",
     "to_nir",
     "from_nir",
+    "use_backend",
     "EclsnnError",
+    "BackendError",
     "ConversionError",
     "SimulationError",
     "ConfigError",

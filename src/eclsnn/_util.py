@@ -7,7 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "DEFAULT_INIT_THRESHOLD"]
+__all__ = ["__version__", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "DEFAULT_INIT_THRESHOLD"]
+
+#: the package version (eclsnn.__version__; checkpoints record it)
+__version__ = "0.1.0"
 
 #: the initial λ of every ThresholdClip, wherever one is made (config, models.create, ThresholdClip, prepare);
 #: chosen on the validation split by ``benchmarks/tune_init_threshold.py`` (docs/METHOD.md)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from eclsnn import config
 from eclsnn.errors import EclsnnError
 
 # flag dest -> dotted config key (flags override --config and --set)
@@ -48,11 +47,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _add_convert_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("conversion")
-    g.add_argument("--neuron", choices=["dual", "if"], help="dual-threshold or plain IF neurons")
+    g.add_argument("--neuron", choices=config.NEURON_CHOICES, help="dual-threshold or plain IF neurons")
     g.add_argument("--v-init", type=float, help="initial membrane potential in units of θ (0.5 = θ/2)")
     g.add_argument("--theta-neg", type=float, help="negative threshold of the dual neuron, in units of θ")
-    g.add_argument("--maxpool", choices=["error", "avg"], help="max-pooling policy")
-    g.add_argument("--threshold-rule", choices=["max", "percentile"], help="θ of ReLU layers from calibration data")
+    g.add_argument("--maxpool", choices=config.MAXPOOL_CHOICES, help="max-pooling policy")
+    g.add_argument("--threshold-rule", choices=config.THRESHOLD_RULE_CHOICES, help="θ of ReLU layers from calibration data")
     g.add_argument("--percentile", type=float)
     g.add_argument("--calibration-batches", type=int)
 
@@ -61,7 +60,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--time-steps", "-T", type=int, help="simulate T steps; accuracy at every t = 1..T")
     g.add_argument("--eval-batch-size", type=int)
-    g.add_argument("--split", choices=["test", "val", "train"])
+    g.add_argument("--split", choices=config.SPLIT_CHOICES)
     g.add_argument("--max-samples", type=int, help="evaluate a seeded subset of the split")
     g.add_argument("--data-dir", help="folder with the data set files")
 
@@ -75,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an ANN (ThresholdClip or ReLU); works under torchrun")
     _add_config_args(p)
     g = p.add_argument_group("common settings")
-    g.add_argument("--dataset", choices=["fashion-mnist", "cifar10", "cifar100", "imagenet"])
+    g.add_argument("--dataset", choices=config.DATASET_CHOICES)
     g.add_argument("--data-dir")
     g.add_argument("--download", action="store_const", const=True, help="fetch the data set if it is not found")
     g.add_argument("--arch")
-    g.add_argument("--activation", choices=["clip", "relu"])
+    g.add_argument("--activation", choices=config.ACTIVATION_CHOICES)
     g.add_argument("--levels", type=int, help="quantisation levels L of the clip (0: plain clip)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int, help="global batch size")
@@ -147,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, help="analyse a seeded subset of the split")
     p.add_argument("--output", "-o", help="output folder (default: RUN/analysis)")
     g = p.add_argument_group("conversion (default: the variants if-v0, if-v0.5 and dual-v0.5)")
-    g.add_argument("--neuron", choices=["dual", "if"], help="analyse only this neuron (default dual)")
+    g.add_argument("--neuron", choices=config.NEURON_CHOICES, help="analyse only this neuron (default dual)")
     g.add_argument("--v-init", type=float, help="initial membrane potential in units of θ (default 0.5)")
     g.add_argument("--theta-neg", type=float, help="negative threshold of the dual neuron, in units of θ (default 0)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -175,15 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from eclsnn import __version__
+    from eclsnn._util import __version__
 
     return __version__
 
 
 def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
-    from eclsnn.config import parse_overrides
-
-    out = parse_overrides(getattr(args, "set", []) or [])
+    """``--set`` overrides, then the named flags (dotted config keys)."""
+    out = config.parse_overrides(getattr(args, "set", []) or [])
     for dest, key in flags.items():
         value = getattr(args, dest, None)
         if value is not None:
@@ -191,60 +189,22 @@ def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any
     return out
 
 
-def _config(args: argparse.Namespace, flags: dict[str, str], base: dict[str, Any] | None = None):
-    """Config from (checkpoint's config) ← --config ← --set ← flags."""
-    from eclsnn.config import config_from_dict, config_to_dict, load_config
-
-    overrides = _overrides(args, flags)
-    if getattr(args, "config", None):
-        return load_config(args.config, overrides)
-    if base is not None:
-        cfg = config_from_dict(base, source="the checkpoint's config")
-        return load_config(None, {**_flatten(config_to_dict(cfg)), **overrides})
-    return load_config(None, overrides)
-
-
-def _flatten(d: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in d.items() for key, value in values.items()}
-
-
-# ---- commands ---------------------------------------------------------------------------------------
+# ---- commands: flags to settings, settings to a recipe, its results to lines ---------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from eclsnn.training.trainer import train
+    from eclsnn.recipes.configure import layered_config
+    from eclsnn.recipes.train import train
 
-    cfg = _config(args, _TRAIN_FLAGS)
-    run = train(cfg)
+    run = train(layered_config(_overrides(args, _TRAIN_FLAGS), getattr(args, "config", None)))
     print(f"run folder: {run}")
     return 0
 
 
-def _checkpoint_config(ckpt) -> dict[str, Any] | None:
-    return ckpt.meta.get("config")
-
-
-def _convert_one(model, ckpt, cfg, device="cpu"):
-    """Convert ``model`` with ``cfg.convert``; ReLU networks are calibrated on the validation split."""
-    from eclsnn import ThresholdClip
-    from eclsnn.conversion.converter import convert
-    from eclsnn.recipes.common import calibration_batches, convert_kwargs
-
-    kwargs = convert_kwargs(cfg.convert)
-    calibration = None
-    if not any(isinstance(m, ThresholdClip) for m in model.modules()):
-        seed = ckpt.meta.get("seed", cfg.train.seed)
-        calibration = calibration_batches(cfg.data, seed, cfg.evaluate.batch_size, cfg.convert.calibration_batches, device)
-    return convert(model, calibration=calibration, **kwargs), kwargs
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
-    from eclsnn.recipes.common import load_ann, save_snn
+    from eclsnn.recipes.convert import convert_to_folder
 
-    model, ckpt = load_ann(args.checkpoint)
-    cfg = _config(args, {**_CONVERT_FLAGS, "data_dir": "data.data_dir"}, _checkpoint_config(ckpt))
-    snn, kwargs = _convert_one(model, ckpt, cfg)
-    out = Path(args.output) if args.output else ckpt.path.parent.parent / f"snn-{kwargs['neuron']}"
-    save_snn(out, ckpt.path, snn, kwargs)
+    out, snn, kwargs, ckpt = convert_to_folder(args.checkpoint, args.output,
+                                               _overrides(args, {**_CONVERT_FLAGS, "data_dir": "data.data_dir"}), getattr(args, "config", None))
     print(f"converted {ckpt.meta.get('model', {}).get('arch', 'model')} ({len(snn.neurons())} neuron layers, "
           f"{kwargs['neuron']} neurons, v_init={kwargs['v_init']}·θ) -> {out}")
     for name, neuron in snn.neurons():
@@ -255,98 +215,28 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from eclsnn.recipes.common import eval_loader, evaluate_variants, format_table, is_snn_folder, load_ann, load_snn, load_split, write_json
+    from eclsnn.recipes.evaluate import run_evaluate
 
-    device = args.device
-    if is_snn_folder(args.checkpoint):
-        snn, model, ckpt, spec = load_snn(args.checkpoint, device)
-        cfg = _config(args, _EVAL_FLAGS, _checkpoint_config(ckpt))
-        variant = f"{spec['convert']['neuron']} (saved)"
-        default_json = Path(args.checkpoint) / "evaluation.json"
-    else:
-        model, ckpt = load_ann(args.checkpoint, device)
-        cfg = _config(args, {**_CONVERT_FLAGS, **_EVAL_FLAGS}, _checkpoint_config(ckpt))
-        snn, kwargs = _convert_one(model, ckpt, cfg, device)
-        variant = kwargs["neuron"]
-        default_json = ckpt.path.parent.parent / "evaluation.json"
-    e = cfg.evaluate
-    seed = ckpt.meta.get("seed", cfg.train.seed)
-    dataset, indices = load_split(cfg.data, e.split, seed, e.max_samples)
-    loader = eval_loader(dataset, indices, e.batch_size, device, None if args.no_progress else f"evaluate T={e.time_steps}")
-    start = time.perf_counter()
-    results = evaluate_variants(model, loader, e.time_steps, {variant: snn})
-    results.update(split=e.split, checkpoint=str(ckpt.path), convert=asdict(cfg.convert), seconds=time.perf_counter() - start)
-    print(f"{e.split} split, {results['num_samples']} images, T = 1..{e.time_steps}")
-    print(format_table(results))
-    if args.adaptive:
-        results["adaptive"] = _adaptive(snn, cfg, seed, loader, e.time_steps, args.max_accuracy_loss, device)
-    out = write_json(args.json_out or default_json, results)
+    _, out = run_evaluate(args.checkpoint, _overrides(args, {**_CONVERT_FLAGS, **_EVAL_FLAGS}), getattr(args, "config", None),
+                          device=args.device, progress=not args.no_progress, adaptive=args.adaptive,
+                          max_accuracy_loss=args.max_accuracy_loss, json_out=args.json_out)
     print(f"results: {out}")
     return 0
 
 
-def _adaptive(snn, cfg, seed, loader, T, max_loss, device) -> dict:
-    """Calibrate the stopping margin on the validation split, then report adaptive next to fixed T."""
-    from eclsnn.simulation.adaptive import calibrate_margin, evaluate_adaptive
-    from eclsnn.recipes.common import eval_loader, load_split
-
-    val = eval_loader(*load_split(cfg.data, "val", seed, cfg.evaluate.max_samples), cfg.evaluate.batch_size, device)
-    margin, _ = calibrate_margin(snn, val, T, max_accuracy_loss=max_loss)
-    fixed = evaluate_adaptive(snn, loader, T, float("inf"))
-    adaptive = evaluate_adaptive(snn, loader, T, margin)
-    print(f"\nadaptive latency (margin {margin:.3g}, calibrated on the validation split for <= {100 * max_loss:.1f} points loss):")
-    print("| inference | accuracy % | mean steps | seconds |\n|---|---|---|---|")
-    for name, r in ((f"fixed T={T}", fixed), ("adaptive", adaptive)):
-        print(f"| {name} | {100 * r.accuracy:.2f} | {r.mean_steps:.2f} | {r.seconds:.1f} |")
-    print("steps used: " + ", ".join(f"{t}: {n}" for t, n in sorted(adaptive.steps_histogram.items())))
-    return {"fixed": fixed.as_dict(), "adaptive": adaptive.as_dict(), "max_accuracy_loss": max_loss}
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from eclsnn.recipes.common import is_snn_folder, load_ann, load_snn
-    from eclsnn.io.export import export_json, export_npz
+    from eclsnn.recipes.export import run_export
 
-    if is_snn_folder(args.checkpoint):
-        snn, _, ckpt, _ = load_snn(args.checkpoint)
-    else:
-        model, ckpt = load_ann(args.checkpoint)
-        cfg = _config(args, {**_CONVERT_FLAGS, "data_dir": "data.data_dir"}, _checkpoint_config(ckpt))
-        snn, _ = _convert_one(model, ckpt, cfg)
-    out = Path(args.output) if args.output else ckpt.path.parent.parent / f"snn.{args.format}"
+    out, snn, notes = run_export(args.checkpoint, args.format, args.output,
+                                 _overrides(args, {**_CONVERT_FLAGS, "data_dir": "data.data_dir"}), args.config,
+                                 nir_neurons=args.nir_neurons)
     if args.format == "nir":
-        import warnings
-
-        from eclsnn.io.nir import NIRExportWarning, write_nir
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", NIRExportWarning)
-            write_nir(snn, out, _sample_input(ckpt), neurons=args.nir_neurons)
-        for w in caught:  # what lives only in NIR metadata, as one line; other warnings as usual
-            if issubclass(w.category, NIRExportWarning):
-                print(f"eclsnn: warning: {w.message}", file=sys.stderr)
-            else:
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        for note in notes:  # what lives only in NIR metadata, as one line
+            print(f"eclsnn: warning: {note}", file=sys.stderr)
         print(f"exported {len(snn.neurons())} neuron layers -> {out} (NIR, neurons: {args.nir_neurons}; docs/NIR.md)")
         return 0
-    (export_npz if args.format == "npz" else export_json)(snn, out)
     print(f"exported {len(snn.neurons())} neuron layers -> {out} (format: docs/EXPORT.md)")
     return 0
-
-
-def _sample_input(ckpt):
-    """A zero input batch of one image of the shape the checkpoint was trained on (NIR export needs the
-    layer shapes)."""
-    import torch
-
-    from eclsnn.data import DATASETS, resolve_name
-
-    data = ckpt.meta.get("dataset") or {}
-    if not data.get("channels"):
-        name = ((ckpt.meta.get("config") or {}).get("data") or {}).get("dataset", "fashion-mnist")
-        info = DATASETS[resolve_name(name)]
-        data = {"channels": info.channels, "image_size": info.image_size}
-    size = int(data["image_size"])
-    return torch.zeros(1, int(data["channels"]), size, size)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -357,15 +247,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from eclsnn.analysis.decomposition import analyze_checkpoint, format_analysis, variant_name
-    from eclsnn.recipes.common import DEMO_VARIANTS
+    from eclsnn.recipes.analyze import analysis_variants, analyze_checkpoint, format_analysis
 
-    if args.neuron is None and args.v_init is None and args.theta_neg is None:
-        variants = {variant_name(**kw): kw for kw in DEMO_VARIANTS.values()}
-    else:
-        kw = {"neuron": args.neuron or "dual", "v_init": 0.5 if args.v_init is None else args.v_init,
-              "theta_neg": 0.0 if args.theta_neg is None else args.theta_neg}
-        variants = {variant_name(**kw): kw}
+    variants = analysis_variants(args.neuron, args.v_init, args.theta_neg)
     results, out = analyze_checkpoint(
         args.checkpoint, variants, time_steps=args.time_steps, split=args.split, max_samples=args.max_samples,
         output=args.output, batch_size=args.batch_size, data_dir=args.data_dir, device=args.device,
@@ -379,13 +263,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from eclsnn.recipes.ablate import format_ablation, run_ablation
-    from eclsnn.config import parse_overrides
 
     results = run_ablation(
         seeds=args.seeds, epochs=args.epochs, output=args.output, runs_dir=args.runs_dir, max_samples=args.max_samples,
         max_train_samples=args.max_train_samples, time_steps=args.time_steps, levels=args.levels,
         batch_size=args.batch_size, calibration_batches=args.calibration_batches, data_dir=args.data_dir,
-        train_overrides=parse_overrides(args.set), progress=not args.no_progress,
+        train_overrides=config.parse_overrides(args.set), progress=not args.no_progress,
     )
     print()
     print(format_ablation(results))

@@ -26,8 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from eclsnn.errors import ConfigError
 from eclsnn._util import DEFAULT_INIT_THRESHOLD
+from eclsnn.conversion.calibration import THRESHOLD_RULES
+from eclsnn.conversion.converter import MAXPOOL_POLICIES, NEURONS
+from eclsnn.data import DATASETS
+from eclsnn.errors import ConfigError
+from eclsnn.models import ACTIVATIONS, POOLS, list_models
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,15 +54,21 @@ __all__ = [
     "parse_overrides",
 ]
 
-# Choices of the string settings (checked here so a typo fails before anything is loaded).
-DATASET_CHOICES = ("fashion-mnist", "cifar10", "cifar100", "imagenet")
-ARCH_CHOICES = ("cnn-fmnist", "vgg16", "resnet18", "resnet20", "resnet34")
-ACTIVATION_CHOICES = ("clip", "relu")
-POOL_CHOICES = ("avg", "max")
-NEURON_CHOICES = ("if", "dual")
-MAXPOOL_CHOICES = ("error", "avg")
-THRESHOLD_RULE_CHOICES = ("max", "percentile")
+# Choices of the string settings (checked here so a typo fails before anything is loaded), read from the
+# registries that define them; the command line's flags read them from here.
+DATASET_CHOICES = tuple(DATASETS)
+ACTIVATION_CHOICES = tuple(ACTIVATIONS)
+POOL_CHOICES = tuple(POOLS)
+NEURON_CHOICES = tuple(NEURONS)
+MAXPOOL_CHOICES = tuple(MAXPOOL_POLICIES)
+THRESHOLD_RULE_CHOICES = tuple(THRESHOLD_RULES)
 SPLIT_CHOICES = ("test", "val", "train")
+
+
+def arch_choices() -> tuple[str, ...]:
+    """The model names a config may choose: the model registry's, read at the time of the check (a model
+    added with ``eclsnn.models.register`` can be chosen)."""
+    return tuple(list_models())
 
 
 @dataclass
@@ -81,7 +91,7 @@ class ModelConfig:
     levels: int | None = 4  # quantisation levels L of the clip; 0/None: plain clamp(z, 0, λ)
     init_threshold: float = DEFAULT_INIT_THRESHOLD  # initial λ (chosen on the validation split; eclsnn._util)
     per_channel: bool = False  # one λ per channel instead of one per layer
-    pool: str = "avg"  # "max" has no exact spiking form (SPEC); conversion then needs a policy
+    pool: str = "avg"  # "max" has no exact spiking form (docs/METHOD.md); conversion then needs a policy
     stem: str | None = None  # None: the model's default stem for the data set's image size
     dropout: float = 0.0
 
@@ -265,7 +275,7 @@ def _validate(cfg: Config, where: str) -> None:
     _check_choice(where, "data.dataset", d.dataset, DATASET_CHOICES)
     _check(where, "data.val_fraction", 0.0 <= d.val_fraction < 1.0, "in [0, 1)", d.val_fraction)
 
-    _check_choice(where, "model.arch", m.arch, ARCH_CHOICES)
+    _check_choice(where, "model.arch", m.arch, arch_choices())
     _check_choice(where, "model.activation", m.activation, ACTIVATION_CHOICES)
     _check(where, "model.levels", m.levels is None or m.levels >= 1, ">= 0 (0: plain clip)", m.levels)
     _check(where, "model.init_threshold", m.init_threshold > 0, "> 0", m.init_threshold)

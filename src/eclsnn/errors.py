@@ -31,3 +31,7 @@ class TrainingError(EclsnnError):
 
 class SpikingLoopError(EclsnnError):
     """The network cannot be trained with its spiking network in the loop."""
+
+
+class BackendError(EclsnnError, ValueError):
+    """An unknown backend name, or a backend that was asked for and cannot run here."""

@@ -1,7 +1,7 @@
 """Per-layer analysis of a converted network on real data: the three conversion errors, firing rates,
 synaptic operations and an energy estimate (``eclsnn analyze``).
 
-**Errors, each layer against its own input** (SPEC.md "The three conversion errors"). For a neuron
+**Errors, each layer against its own input** (docs/METHOD.md, "The three conversion errors"). For a neuron
 layer with threshold θ, initial potential ``v_init``·θ and T steps, let ``I(t)`` be the current its
 neurons receive in the SNN — whatever the earlier spiking layers delivered — and ``Ī = mean_t I(t)``,
 ``r = mean_t out(t)`` its rate output (in the units of the activation, ``θ·spikes/T``). Then
@@ -21,7 +21,7 @@ signed mean, in the activation's units and in units of θ.
 
 **Firing rates**: positive and negative spikes separately, per neuron per step.
 
-**Operations** (SPEC.md "Energy convention"), per image:
+**Operations** (docs/METHOD.md, "Energy convention"), per image:
 
 - A synaptic layer (conv or linear) *fed by spikes* — a neuron's output reaches it through reshapes
   only — costs one accumulate (SOP) per spike in (negative spikes too) per target it reaches:
@@ -40,8 +40,9 @@ signed mean, in the activation's units and in units of θ.
 - Neuron updates: one per neuron per step (reported, not included in the energy).
 - Energy: ``E_AC = 0.9 pJ`` per SOP, ``E_MAC = 4.6 pJ`` per MAC (45 nm, Horowitz 2014).
 
-Errors and spikes are observed with :func:`eclsnn.simulation.network.observe_neurons`, which wraps each neuron's ``multi_step`` (the simulator calls it
-directly, not through ``__call__``, so ``nn.Module`` forward hooks do not see it); operations by
+Errors and spikes are observed with :func:`eclsnn.simulation.observe_neurons`, an observer registered on
+the network's executor (the simulator calls each neuron's ``multi_step`` directly, not through
+``__call__``, so ``nn.Module`` forward hooks do not see it); operations by
 forward (pre-)hooks on the synaptic and pooling modules. Nothing about the simulation changes.
 """
 
@@ -58,11 +59,12 @@ from torch import nn
 
 from eclsnn.errors import SimulationError
 from eclsnn.core.neurons import SpikingNeuron
-from eclsnn.simulation.network import SpikingNetwork, check_time_steps, observe_neurons, simulate
+from eclsnn.core.state import is_stateful
+from eclsnn.simulation import SpikingNetwork, check_time_steps, observe_neurons, simulate
 
 __all__ = [
     "E_AC_PJ", "E_MAC_PJ", "ERRORS", "quantized_reference", "layer_errors", "fanout_map", "synapse_kinds",
-    "analyze", "format_analysis", "plot_analysis", "analyze_checkpoint", "variant_name",
+    "analyze", "format_analysis", "plot_analysis",
 ]
 
 #: Energy per accumulate (one synaptic operation) and per multiply-accumulate, 45 nm (Horowitz 2014).
@@ -86,7 +88,7 @@ _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 
 def quantized_reference(i_mean: torch.Tensor, theta: torch.Tensor | float, time_steps: int, v_init: float) -> torch.Tensor:
     """``h_T(Ī) = θ · clamp(floor(Ī·T/θ + v_init), 0, T) / T``: the output of an IF neuron that starts at
-    ``v_init·θ`` and receives the constant input Ī for T steps (SPEC.md theorem; L = T, ψ = v_init)."""
+    ``v_init·θ`` and receives the constant input Ī for T steps (docs/METHOD.md, "IF neuron"; L = T, ψ = v_init)."""
     T = check_time_steps(time_steps)
     return theta * torch.floor(i_mean * T / theta + v_init).clamp(0, T) / T
 
@@ -123,7 +125,7 @@ class _NeuronRecorder:
         T = x_seq.shape[0]
         self.time_steps = T
         self.neurons_per_sample = x_seq[0, 0].numel()
-        theta = self.neuron._theta_for(x_seq[0])
+        theta = self.neuron.theta_like(x_seq[0])
         i_mean = x_seq[0] if x_seq.stride(0) == 0 else _time_mean(x_seq)  # stride 0: the constant first-layer current
         rate = _time_mean(out)
         scalar_theta = theta.numel() == 1
@@ -215,7 +217,11 @@ def _through_reshapes(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
 
 
 def _is_neuron(node, gm: fx.GraphModule) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(gm.get_submodule(node.target), SpikingNeuron)
+    """Whether ``node`` is a stateful node whose output is a spike train (a neuron layer)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_module"):
+        return False
+    module = gm.get_submodule(node.target)
+    return is_stateful(module) and module.emits_spikes
 
 
 def synapse_kinds(snn: SpikingNetwork) -> dict[str, dict[str, Any]]:
@@ -574,61 +580,3 @@ def plot_analysis(results: dict[str, Any], path: str | os.PathLike, title: str =
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
-
-
-# ---- a checkpoint, end to end -------------------------------------------------------------------------
-
-def variant_name(neuron: str, v_init: float, theta_neg: float = 0.0) -> str:
-    """A short label: ``if-v0``, ``dual-v0.5``, ``dual-v0.5-neg-0.5`` (θ_neg in units of θ)."""
-    name = f"{neuron}-v{v_init:g}"
-    return name + (f"-neg{theta_neg:g}" if neuron == "dual" and theta_neg != 0 else "")
-
-
-def analyze_checkpoint(
-    checkpoint: str | os.PathLike,
-    variants: dict[str, dict[str, Any]],
-    time_steps: int = 8,
-    split: str = "test",
-    max_samples: int | None = None,
-    output: str | os.PathLike | None = None,
-    batch_size: int = 256,
-    data_dir: str | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-) -> tuple[dict[str, Any], Path]:
-    """Analyse a trained checkpoint converted as each of ``variants`` (name → :func:`eclsnn.convert`
-    keyword arguments) on ``split``; ReLU networks get their thresholds from the validation split
-    (the rule and batch count of the checkpoint's ``[convert]`` settings), computed once and shared
-    by every variant. Writes ``analysis.json``, ``analysis.md`` and ``analysis.png`` into ``output``
-    (default: ``RUN/analysis``). Returns the results and the output folder."""
-    from eclsnn.core.clip import ThresholdClip
-    from eclsnn.config import config_from_dict, load_config
-    from eclsnn.conversion.converter import convert
-    from eclsnn.recipes.common import calibration_batches, eval_loader, load_ann, load_split, write_json
-
-    check_time_steps(time_steps)
-    model, ckpt = load_ann(checkpoint, device)
-    base = ckpt.meta.get("config")
-    cfg = config_from_dict(base, source="the checkpoint's config") if base else load_config(None)
-    if data_dir:
-        cfg.data.data_dir = data_dir
-    seed = ckpt.meta.get("seed", cfg.train.seed)
-    relu_thresholds = None
-    if not any(isinstance(m, ThresholdClip) for m in model.modules()):
-        calib = calibration_batches(cfg.data, seed, batch_size, cfg.convert.calibration_batches, device)
-        first = convert(model, calibration=calib, threshold_rule=cfg.convert.threshold_rule, percentile=cfg.convert.percentile)
-        relu_thresholds = first.thresholds()
-    snns = {name: convert(model, thresholds=relu_thresholds, **kw) for name, kw in variants.items()}
-    dataset, indices = load_split(cfg.data, split, seed, max_samples)
-    loader = eval_loader(dataset, indices, batch_size, device)
-    results = analyze(model, snns, loader, time_steps, progress=f"analyze T={time_steps}" if progress else None)
-    out = Path(output) if output else ckpt.path.parent.parent / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
-    results.update(checkpoint=str(ckpt.path), split=split, seed=seed, convert_variants=variants,
-                   relu_thresholds={k: v.tolist() for k, v in relu_thresholds.items()} if relu_thresholds else None)
-    write_json(out / "analysis.json", results)
-    (out / "analysis.md").write_text(format_analysis(results) + "\n")
-    arch = ckpt.meta.get("model", {}).get("arch", "model")
-    plot_analysis(results, out / "analysis.png", title=f"{arch}, {split} split, {results['num_samples']} images, T = {time_steps}")
-    return results, out
-

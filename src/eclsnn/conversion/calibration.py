@@ -13,7 +13,8 @@ from eclsnn.errors import ConversionError
 
 __all__ = ["iter_calibration_batches", "ActivationStatistics"]
 
-_RULES = ("max", "percentile")
+#: the rules for θ of ReLU layers from calibration data
+THRESHOLD_RULES = ("max", "percentile")
 _GRANULARITIES = ("layer", "channel")
 
 
@@ -52,8 +53,8 @@ class ActivationStatistics:
     """
 
     def __init__(self, modules: dict[str, nn.Module], rule: str = "max", percentile: float = 99.9, granularity: str = "layer"):
-        if rule not in _RULES:
-            raise ConversionError(f"threshold_rule must be one of {_RULES}, got {rule!r}")
+        if rule not in THRESHOLD_RULES:
+            raise ConversionError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {rule!r}")
         if granularity not in _GRANULARITIES:
             raise ConversionError(f"threshold granularity must be one of {_GRANULARITIES}, got {granularity!r}")
         if not 0.0 < float(percentile) <= 100.0:

@@ -27,7 +27,7 @@ from eclsnn._util import DEFAULT_INIT_THRESHOLD
 
 __all__ = ["convert", "prepare", "trace", "fold_batchnorm", "NEURONS"]
 
-NEURONS = {"if": IFNeuron, "dual": DualThresholdIFNeuron}
+NEURONS = {"dual": DualThresholdIFNeuron, "if": IFNeuron}
 MAXPOOL_POLICIES = ("error", "avg")
 
 # ---- the allow-list: operations whose spiking meaning is known --------------------------------

@@ -59,6 +59,8 @@ class ThresholdClip(LazyModuleMixin, nn.Module):
         self.init_threshold = float(init_threshold)
         self.per_channel = bool(per_channel)
         self.shift = float(shift)
+        #: the backend of the forward and backward pass (:mod:`eclsnn.core.backends`; None: the default)
+        self.backend: str | None = None
         if not self.per_channel:
             self.threshold_raw = nn.Parameter(torch.tensor(self.init_threshold))
         elif num_channels is not None:
@@ -78,7 +80,7 @@ class ThresholdClip(LazyModuleMixin, nn.Module):
         return self.threshold_raw.detach().clamp(min=LAMBDA_MIN)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return threshold_clip(z, channel_view(self.threshold_raw, z.dim()), self.levels, self.shift)
+        return threshold_clip(z, channel_view(self.threshold_raw, z.dim()), self.levels, self.shift, self.backend)
 
     def extra_repr(self) -> str:
         kind = "per_channel" if self.per_channel else "per_layer"

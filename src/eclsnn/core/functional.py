@@ -4,7 +4,7 @@ Everything here is stateless: state goes in and comes out as tensors, so each fu
 property-tested on its own. The modules in :mod:`eclsnn.core.clip` and :mod:`eclsnn.core.neurons` hold
 parameters, buffers and configuration and call these functions.
 
-Equations (SPEC.md):
+Equations (docs/METHOD.md):
 
 - threshold clipping  ``h(z) = λ · clamp(floor(z·L/λ + ψ)/L, 0, 1)``, ψ = 1/2
 - IF neuron           ``m = v + I;  s = H(m − θ);  v = m − s·θ;  out = θ·s``
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from eclsnn.core import backends
 from eclsnn.core.backends import cpu as kernels
 from eclsnn.errors import ConfigError
 
@@ -27,18 +28,18 @@ __all__ = [
     "dual_threshold_multistep",
 ]
 
-#: Smallest threshold λ used in the forward pass; keeps λ positive while training (SPEC: "must stay
-#: positive"). The gradient still reaches the raw parameter, so a λ pushed below it can recover.
+#: Smallest threshold λ used in the forward pass; keeps λ positive while training (docs/METHOD.md, the
+#: clip's "positivity of λ" row). The gradient still reaches the raw parameter, so a λ pushed below it can recover.
 LAMBDA_MIN = 1e-3
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # SPEC: the clip is computed in fp32 even under autocast (fp16 cannot hold floor(z·L/λ) ties).
+    # The clip is computed in fp32 even under autocast (fp16 cannot hold floor(z·L/λ) ties).
     return torch.promote_types(dtype, torch.float32)
 
 
 class _ThresholdClipFn(torch.autograd.Function):
-    """Straight-through gradient keyed to the input z (SPEC.md "Gradient").
+    """Straight-through gradient keyed to the input z (docs/METHOD.md, the clip's "gradient" row).
 
     For 0 < z < λ: dh/dz = 1, dh/dλ = (h − z)/λ.  For z ≥ λ: dh/dz = 0, dh/dλ = 1.  For z ≤ 0: both 0.
     Keying the regions to z rather than to the output keeps λ trainable at L = 1, where the output
@@ -123,23 +124,15 @@ def _like_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _kernel_clip_ok(z: torch.Tensor, lam: torch.Tensor) -> bool:
-    if not kernels.enabled() or z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64):
-        return False
-    if lam.numel() != 1 and (z.dim() < 2 or lam.numel() != z.shape[1]):
-        return False
-    if not (z.is_contiguous() or (z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last))):
-        return False
-    return z.numel() > 0 and kernels.supports(z)
-
-
-def threshold_clip(z: torch.Tensor, lam: torch.Tensor | float, levels: int | None = 4, shift: float = 0.5) -> torch.Tensor:
-    """Learnable threshold clipping function (SPEC.md; QCFS form with ψ = 1/2).
+def threshold_clip(z: torch.Tensor, lam: torch.Tensor | float, levels: int | None = 4, shift: float = 0.5,
+                   backend: str | None = None) -> torch.Tensor:
+    """Learnable threshold clipping function (docs/METHOD.md; QCFS form with ψ = 1/2).
 
     ``h(z) = λ · clamp(floor(z·L/λ + shift)/L, 0, 1)``; with ``levels`` None or 0 the plain
     ``clamp(z, 0, λ)``. ``lam`` must broadcast against ``z`` (a scalar, or per-channel with shape
     ``[C, 1, 1]`` for images / ``[C]`` for features). λ is clamped to at least :data:`LAMBDA_MIN` in
-    the forward pass. The result is computed in at least float32.
+    the forward pass. The result is computed in at least float32. ``backend`` as in
+    :mod:`eclsnn.core.backends` (None: the default).
     """
     if not torch.is_tensor(lam):
         lam = torch.tensor(float(lam), device=z.device)
@@ -148,7 +141,7 @@ def threshold_clip(z: torch.Tensor, lam: torch.Tensor | float, levels: int | Non
     levels, shift = (int(levels) if levels else None), float(shift)
     if lam.device == z.device and (levels is None or shift >= 0):
         zc = z.to(_compute_dtype(z.dtype))
-        if _kernel_clip_ok(zc, lam):
+        if backends.use_fused_cpu(backend, zc, lam):
             if torch.is_grad_enabled() and (zc.requires_grad or lam.requires_grad):
                 return _ThresholdClipKernelFn.apply(zc, lam, levels, shift)
             return kernels.clip_forward(zc, lam.detach().to(zc.dtype).clamp(min=LAMBDA_MIN), levels, shift)
@@ -192,7 +185,7 @@ def if_multistep(x_seq: torch.Tensor, theta: torch.Tensor, v0: torch.Tensor) -> 
 def dual_threshold_step(
     x: torch.Tensor, v: torch.Tensor, count: torch.Tensor, theta: torch.Tensor, theta_neg: torch.Tensor | float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step of the dual-threshold (signed) IF neuron (SPEC.md "Dual-threshold neuron").
+    """One step of the dual-threshold (signed) IF neuron (docs/METHOD.md, "Dual-threshold neuron").
 
     ``m = v + x``; ``s = +1`` if ``m ≥ θ``, ``−1`` if ``m < θ_neg`` and the net count ``c > 0``
     (retract one earlier spike), else 0; ``v' = m − s·θ``; ``c' = c + s``. The count gate is the

@@ -13,20 +13,39 @@ They run in two step modes with identical results:
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from eclsnn.core import backends
 from eclsnn.core import functional as SF
 from eclsnn.core.backends import cpu as kernels
 from eclsnn.core.clip import channel_view
+from eclsnn.core.state import StatefulModule
 from eclsnn.errors import ConversionError, SimulationError
 
-__all__ = ["IFNeuron", "DualThresholdIFNeuron", "SpikingNeuron"]
+__all__ = ["IFNeuron", "DualThresholdIFNeuron", "SpikingNeuron", "STEP_MODES", "check_step_mode"]
 
-_STEP_MODES = ("multi", "single")
+#: the step modes of neurons and networks
+STEP_MODES = ("multi", "single")
 
 
-class SpikingNeuron(nn.Module):
-    """Common state handling of the IF neurons. Subclasses implement the dynamics."""
+def check_step_mode(mode) -> str:
+    """``mode`` if it is a step mode, else a SimulationError."""
+    if mode not in STEP_MODES:
+        raise SimulationError(f"step_mode must be one of {STEP_MODES}, got {mode!r}")
+    return mode
+
+
+def _needs_autograd(x: torch.Tensor) -> bool:
+    return x.requires_grad and torch.is_grad_enabled()
+
+
+class SpikingNeuron(StatefulModule):
+    """Common state handling of the IF neurons (the state protocol of :mod:`eclsnn.core.state`: the
+    membrane potential ``v``, and the net spike count ``count`` of the dual-threshold neuron).
+    Subclasses implement the dynamics on the reference path; the fused CPU kernels take the same
+    parameters (:meth:`kernel_parameters`)."""
+
+    state_names: tuple[str, ...] = ("v",)
+    _signed = False
 
     def __init__(self, theta, v_init: float = 0.5, step_mode: str = "multi"):
         super().__init__()
@@ -35,73 +54,42 @@ class SpikingNeuron(nn.Module):
             theta = theta.flatten()
         if not torch.isfinite(theta).all() or (theta <= 0).any():
             raise ConversionError(f"theta must be finite and positive, got {theta}")
-        if step_mode not in _STEP_MODES:
-            raise ConversionError(f"step_mode must be one of {_STEP_MODES}, got {step_mode!r}")
         self.register_buffer("theta", theta)
         self.v_init = float(v_init)
-        self.step_mode = step_mode
+        self.step_mode = check_step_mode(step_mode)
         self.v: torch.Tensor | None = None
-        #: multi-step calls continue from the current state instead of starting afresh (set by
-        #: ``SpikingNetwork.run(..., carry_state=True)``, e.g. for adaptive-latency inference in blocks)
-        self.carry_state = False
 
-    # -- state ---------------------------------------------------------------------------------
-    def reset(self) -> None:
-        """Forget the membrane potential (and spike count); the next step starts from v_init·θ."""
-        self.v = None
-
-    def _theta_for(self, x: torch.Tensor) -> torch.Tensor:
+    # -- parameters and state --------------------------------------------------------------------
+    def theta_like(self, x: torch.Tensor) -> torch.Tensor:
+        """θ in the dtype of one step ``x`` ``[B, C, ...]``, shaped to broadcast against it."""
         return channel_view(self.theta.to(x.dtype), x.dim())
 
-    def _initial_v(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        return (theta * self.v_init).expand_as(x).clone()
+    def kernel_parameters(self, x: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+        """What the fused kernels take for one step like ``x``: (θ, θ_neg in units of θ or None for IF)."""
+        return self.theta_like(x), None
 
-    # -- fused CPU kernels (eclsnn.core.backends.cpu): the same arithmetic in one pass ----------------------
-    def _kernel_state(self, y: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The state to start a multi-step run from, with the memory layout of one step ``y`` (the kernels
-        need equal layouts): the carried state if :attr:`carry_state`, else fresh."""
-        carried = self._carried(y)
-        if carried is not None:  # (updated in place by the kernels: reuse when the layout already fits)
-            return tuple(None if s is None else s if s.stride() == y.stride() else torch.empty_like(y).copy_(s)
-                         for s in carried)  # type: ignore[return-value]
-        v = torch.empty_like(y).copy_((theta * self.v_init).expand_as(y))
-        return v, (torch.zeros_like(y) if self._signed else None)
+    def start_state(self, x: torch.Tensor, carry: bool = False, dense: bool = False) -> dict[str, torch.Tensor | None]:
+        """The state a run with steps like ``x`` starts from: the current state if ``carry`` and there
+        is one, else the initial state (``v = v_init·θ``, count 0). With ``dense`` the tensors have the
+        memory layout of ``x`` (what the kernels need; they update them in place)."""
+        if carry and self.v is not None:
+            if self.v.shape != x.shape:
+                raise SimulationError(f"cannot continue the state {tuple(self.v.shape)} with input of shape {tuple(x.shape)}; "
+                                      "reset() the network first")
+            state = self.state()
+            if dense:
+                state = {k: None if s is None else s if s.stride() == x.stride() else torch.empty_like(x).copy_(s)
+                         for k, s in state.items()}
+            return state
+        theta = self.theta_like(x)
+        state = {"v": torch.empty_like(x).copy_((theta * self.v_init).expand_as(x))}
+        if self._signed:
+            state["count"] = torch.zeros_like(x)
+        return state
 
-    def _carried(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """(v, count) to continue from, or None for a fresh start."""
-        if not self.carry_state or self.v is None:
-            return None
-        if self.v.shape != y.shape:
-            raise SimulationError(f"cannot continue the state {tuple(self.v.shape)} with input of shape {tuple(y.shape)}; "
-                                  "reset() the network first")
-        return self.v, getattr(self, "count", None)
-
-    def _kernel_ok(self, x_seq: torch.Tensor, theta: torch.Tensor) -> bool:
-        if x_seq.requires_grad and torch.is_grad_enabled():
-            return False  # the kernels have no autograd; the reference path does
-        return kernels.enabled() and kernels.supports(x_seq, theta) and kernels.step_layout(x_seq) is not None
-
-    def _state_fits(self, x: torch.Tensor, *state: torch.Tensor | None) -> bool:
+    def _state_fits(self, x: torch.Tensor) -> bool:
         return all(s is not None and s.shape == x.shape and s.stride() == x.stride() and s.dtype == x.dtype
-                   for s in state)
-
-    _signed = False
-    _neg_units: float | None = None
-
-    def multi_step_pooled(self, x_seq: torch.Tensor, k: int) -> torch.Tensor | None:
-        """T steps of this neuron followed by ``avg_pool2d(kernel_size=k, stride=k)``, fused (the spike
-        maps are never materialised). Returns the pooled ``[T, B, C, H/k, W/k]``, or None if the fused
-        kernel cannot take this input (the caller then runs :meth:`multi_step` and the pooling)."""
-        theta = self._theta_for(x_seq[0])
-        if not self._kernel_ok(x_seq, theta) or not kernels.pool_fusable(x_seq[0], k):
-            return None
-        v, count = self._kernel_state(x_seq[0], theta)
-        out = kernels.neuron_pool_run(x_seq, theta, v, count, self._neg_units, k)
-        self._set_state(v, count)
-        return out
-
-    def _set_state(self, v: torch.Tensor, count: torch.Tensor | None) -> None:
-        self.v = v
+                   for s in self.state().values())
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,10 +97,37 @@ class SpikingNeuron(nn.Module):
             return self.single_step(x)
         return self.multi_step(x)
 
-    def single_step(self, x: torch.Tensor) -> torch.Tensor:
+    def multi_step(self, x_seq: torch.Tensor, carry: bool = False, backend: str | None = None) -> torch.Tensor:
+        """T steps ``x_seq`` ``[T, B, ...]`` → outputs ``θ·s(t)`` ``[T, B, ...]``. The state starts
+        afresh unless ``carry`` (then it continues from the current state); ``backend`` as in
+        :mod:`eclsnn.core.backends`."""
+        y = x_seq[0]
+        theta, neg = self.kernel_parameters(y)
+        if backends.use_fused_cpu(backend, y, theta, autograd=_needs_autograd(x_seq)):
+            state = self.start_state(y, carry, dense=True)
+            out = kernels.neuron_run(x_seq, theta, state["v"], state.get("count"), neg)
+        else:
+            out, state = self._reference_steps(x_seq, theta, self.start_state(y, carry))
+        self.load_state(state)
+        return out
+
+    def single_step(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """One step ``x`` ``[B, ...]``; the state is kept until :meth:`reset`."""
+        theta, neg = self.kernel_parameters(x)
+        if backends.use_fused_cpu(backend, x, theta, autograd=_needs_autograd(x)) and (
+                not self.has_state() or self._state_fits(x)):
+            if not self.has_state():
+                self.load_state(self.start_state(x, dense=True))
+            return kernels.neuron_run(x.unsqueeze(0), theta, self.v, self.state().get("count"), neg)[0]
+        state = self.start_state(x, carry=True)
+        out, state = self._reference_step(x, theta, state)
+        self.load_state(state)
+        return out
+
+    def _reference_steps(self, x_seq, theta, state):
         raise NotImplementedError
 
-    def multi_step(self, x_seq: torch.Tensor) -> torch.Tensor:
+    def _reference_step(self, x, theta, state):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -121,7 +136,7 @@ class SpikingNeuron(nn.Module):
 
 
 class IFNeuron(SpikingNeuron):
-    """Integrate-and-fire neuron, reset by subtraction (SPEC.md "IF neuron").
+    """Integrate-and-fire neuron, reset by subtraction (docs/METHOD.md, "IF neuron").
 
     ``m(t) = v(t−1) + I(t);  s(t) = H(m(t) − θ);  v(t) = m(t) − s(t)·θ``, output ``θ·s(t)``.
     With ``v_init = 0.5`` and a constant input z for T = L steps the output equals the threshold
@@ -133,32 +148,17 @@ class IFNeuron(SpikingNeuron):
         step_mode: ``"multi"`` or ``"single"``.
     """
 
-    def single_step(self, x: torch.Tensor) -> torch.Tensor:
-        theta = self._theta_for(x)
-        if self._kernel_ok(x.unsqueeze(0), theta) and (self.v is None or self._state_fits(x, self.v)):
-            if self.v is None:
-                self.v, _ = self._kernel_state(x, theta)
-            return kernels.neuron_run(x.unsqueeze(0), theta, self.v, None, None)[0]
-        if self.v is None:
-            self.v = self._initial_v(x, theta)
-        out, self.v = SF.if_step(x, self.v, theta)
-        return out
+    def _reference_steps(self, x_seq, theta, state):
+        out, v = SF.if_multistep(x_seq, theta, state["v"])
+        return out, {"v": v}
 
-    def multi_step(self, x_seq: torch.Tensor) -> torch.Tensor:
-        theta = self._theta_for(x_seq[0])
-        if self._kernel_ok(x_seq, theta):
-            v, _ = self._kernel_state(x_seq[0], theta)
-            out = kernels.neuron_run(x_seq, theta, v, None, None)
-        else:
-            carried = self._carried(x_seq[0])
-            v0 = carried[0] if carried else self._initial_v(x_seq[0], theta)
-            out, v = SF.if_multistep(x_seq, theta, v0)
-        self.v = v
-        return out
+    def _reference_step(self, x, theta, state):
+        out, v = SF.if_step(x, state["v"], theta)
+        return out, {"v": v}
 
 
 class DualThresholdIFNeuron(SpikingNeuron):
-    """Dual-threshold (signed) IF neuron (Liu et al., ICML 2025; SPEC.md "Dual-threshold neuron").
+    """Dual-threshold (signed) IF neuron (Liu et al., ICML 2025; docs/METHOD.md, "Dual-threshold neuron").
 
     ``m(t) = v(t−1) + I(t)``; ``s(t) = +1`` if ``m ≥ θ``, ``−1`` if ``m < θ_neg`` and the net spike
     count so far ``c(t−1) > 0``, else 0; ``v(t) = m − s·θ``; output ``θ·s``. The negative spike
@@ -175,6 +175,9 @@ class DualThresholdIFNeuron(SpikingNeuron):
         step_mode: ``"multi"`` or ``"single"``.
     """
 
+    state_names = ("v", "count")
+    _signed = True
+
     def __init__(self, theta, v_init: float = 0.5, theta_neg: float = 0.0, step_mode: str = "multi"):
         super().__init__(theta, v_init, step_mode)
         if not theta_neg < 1.0:
@@ -182,42 +185,16 @@ class DualThresholdIFNeuron(SpikingNeuron):
         self.theta_neg = float(theta_neg)
         self.count: torch.Tensor | None = None
 
-    _signed = True
+    def kernel_parameters(self, x: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+        return self.theta_like(x), self.theta_neg
 
-    @property
-    def _neg_units(self) -> float:  # type: ignore[override]
-        return self.theta_neg
+    def _reference_steps(self, x_seq, theta, state):
+        out, v, count = SF.dual_threshold_multistep(x_seq, theta, theta * self.theta_neg, state["v"], state["count"])
+        return out, {"v": v, "count": count}
 
-    def reset(self) -> None:
-        super().reset()
-        self.count = None
-
-    def _set_state(self, v: torch.Tensor, count: torch.Tensor | None) -> None:
-        self.v, self.count = v, count
-
-    def single_step(self, x: torch.Tensor) -> torch.Tensor:
-        theta = self._theta_for(x)
-        if self._kernel_ok(x.unsqueeze(0), theta) and (self.v is None or self._state_fits(x, self.v, self.count)):
-            if self.v is None:
-                self.v, self.count = self._kernel_state(x, theta)
-            return kernels.neuron_run(x.unsqueeze(0), theta, self.v, self.count, self.theta_neg)[0]
-        if self.v is None:
-            self.v = self._initial_v(x, theta)
-            self.count = torch.zeros_like(x)
-        out, self.v, self.count = SF.dual_threshold_step(x, self.v, self.count, theta, theta * self.theta_neg)
-        return out
-
-    def multi_step(self, x_seq: torch.Tensor) -> torch.Tensor:
-        theta = self._theta_for(x_seq[0])
-        if self._kernel_ok(x_seq, theta):
-            v, count = self._kernel_state(x_seq[0], theta)
-            out = kernels.neuron_run(x_seq, theta, v, count, self.theta_neg)
-            self.v, self.count = v, count
-            return out
-        carried = self._carried(x_seq[0])
-        v0, c0 = carried if carried else (self._initial_v(x_seq[0], theta), torch.zeros_like(x_seq[0]))
-        out, self.v, self.count = SF.dual_threshold_multistep(x_seq, theta, theta * self.theta_neg, v0, c0)
-        return out
+    def _reference_step(self, x, theta, state):
+        out, v, count = SF.dual_threshold_step(x, state["v"], state["count"], theta, theta * self.theta_neg)
+        return out, {"v": v, "count": count}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", theta_neg={self.theta_neg}"

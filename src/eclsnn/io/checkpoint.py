@@ -324,7 +324,7 @@ def save_checkpoint(
     Raises :class:`CheckpointError` if the files cannot be written (e.g. a full disk); the previous
     checkpoint at `dest` is then left as it was.
     """
-    from eclsnn import __version__
+    from eclsnn._util import __version__
 
     dest = Path(dest)
     parent = dest.parent

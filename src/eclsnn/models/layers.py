@@ -1,6 +1,6 @@
 """Building blocks shared by every model of the zoo: activations, pooling, dropout, conv–BN–act.
 
-Conversion to a spiking network (SPEC.md "What conversion must handle") puts three demands on them:
+Conversion to a spiking network (docs/METHOD.md, "What conversion must handle") puts three demands on them:
 every activation is its own module (its threshold λ becomes one layer's θ), BatchNorm sits directly
 after the convolution it folds into (so that convolution has no bias), and average pooling is the
 default because max pooling has no exact spiking form.

@@ -9,7 +9,7 @@ Recognition", CVPR 2016).
   that every operation is a convolution the converter understands.
 
 For conversion the residual addition comes *before* the block's last activation — both branches'
-currents add into the same membrane (SPEC.md "What conversion must handle").
+currents add into the same membrane (docs/METHOD.md, "What conversion must handle").
 """
 
 from __future__ import annotations

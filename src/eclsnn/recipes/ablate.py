@@ -23,7 +23,6 @@ measurements of each seed in ``OUTPUT/seeds/`` (a rerun with more seeds only mea
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from eclsnn.errors import ConfigError
+from eclsnn.recipes.runs import ensure_run, run_name
+from eclsnn.recipes.variants import variant_name
 
 __all__ = [
     "THETA_NEG_SWEEP", "NEURON_SETTINGS", "DEFAULT_STEPS", "EPSILON", "run_name", "ensure_run",
@@ -51,45 +52,10 @@ _RESULT_VERSION = 1
 
 # ---- trained networks ------------------------------------------------------------------------------
 
-def run_name(activation: str, levels: int | None, seed: int, epochs: int, max_train_samples: int | None = None) -> str:
-    """``fmnist-relu-e4-s0`` / ``fmnist-clip-L4-e4-s0`` (as ``benchmarks/common.py``); a training subset
-    adds ``-n512``."""
-    kind = "relu" if activation == "relu" else f"clip-L{levels}"
-    return f"fmnist-{kind}-e{epochs}-s{seed}" + (f"-n{max_train_samples}" if max_train_samples else "")
-
-
-def ensure_run(
-    runs_dir: str | os.PathLike, activation: str, levels: int | None, seed: int, epochs: int,
-    max_train_samples: int | None = None, overrides: dict[str, Any] | None = None, progress: bool = False,
-) -> Path:
-    """The run folder of ``cnn-fmnist`` trained with the demo config and ``activation`` (same budget and
-    seed for both activations); trained — or finished, if interrupted — when missing. A file lock
-    keeps two processes from training the same run at once."""
-    from eclsnn.config import load_config
-    from eclsnn.training.trainer import train
-
-    runs = Path(runs_dir)
-    runs.mkdir(parents=True, exist_ok=True)
-    name = run_name(activation, levels, seed, epochs, max_train_samples)
-    with open(runs / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        run = runs / name
-        if (run / "summary.json").is_file() and (run / "checkpoints" / "last").is_dir():
-            return run
-        cfg = load_config(None, {
-            "model.activation": activation, "model.levels": levels if activation != "relu" else 4,
-            "train.seed": seed, "train.epochs": epochs, "train.output": str(runs), "train.run_name": name,
-            "train.resume": True, "train.progress": progress,
-            **({"train.max_train_samples": max_train_samples} if max_train_samples else {}), **(overrides or {}),
-        })
-        return train(cfg)
-
-
 # ---- variants --------------------------------------------------------------------------------------------
 
 def _label(neuron: str, v_init: float, theta_neg: float = 0.0) -> str:
-    name = f"{neuron}-v{v_init:g}"
-    return name + (f"-neg{theta_neg:g}" if neuron == "dual" else "")
+    return variant_name(neuron, v_init, theta_neg, show_theta_neg=True)
 
 
 def grid_variants() -> dict[str, dict[str, Any]]:
@@ -110,9 +76,8 @@ def _measure_seed(
 ) -> dict[str, Any]:
     """Test accuracy of every grid/sweep variant on both networks and validation accuracy of the sweep."""
     from eclsnn.config import config_from_dict
-    from eclsnn.conversion.converter import convert
-    from eclsnn.recipes.common import calibration_batches as calib_batches
     from eclsnn.recipes.common import eval_loader, evaluate_variants, load_ann, load_split
+    from eclsnn.recipes.convert import convert_checkpoint, relu_thresholds
 
     T = max(steps)
     relu, relu_ckpt = load_ann(relu_run)
@@ -120,13 +85,14 @@ def _measure_seed(
     cfg = config_from_dict(clip_ckpt.meta["config"], source="the checkpoint's config")
     if data_dir:
         cfg.data.data_dir = data_dir
+    cfg.train.seed = seed
+    cfg.convert.calibration_batches = calibration_batches
     # fixed thresholds: the maximum of each ReLU layer on the validation split, shared by all variants
-    calib = calib_batches(cfg.data, seed, batch_size, calibration_batches)
-    thresholds = convert(relu, calibration=calib, threshold_rule="max").thresholds()
+    thresholds = relu_thresholds(relu, relu_ckpt, cfg, "cpu", batch_size, threshold_rule="max")
     grid = grid_variants()
     sweep = theta_neg_variants()
-    relu_snns = {k: convert(relu, thresholds=thresholds, **kw) for k, kw in grid.items()}
-    clip_snns = {k: convert(clip, **kw) for k, kw in {**grid, **sweep}.items()}
+    relu_snns = convert_checkpoint(relu, relu_ckpt, cfg, grid, thresholds=thresholds)
+    clip_snns = convert_checkpoint(clip, clip_ckpt, cfg, {**grid, **sweep})
 
     def run(model, snns, split, what):
         dataset, indices = load_split(cfg.data, split, seed, max_samples)

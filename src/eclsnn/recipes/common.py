@@ -19,7 +19,7 @@ from eclsnn.io.checkpoint import Checkpoint, build_model, load_checkpoint, resol
 from eclsnn.config import ConvertConfig, DataConfig
 from eclsnn.conversion.converter import convert
 from eclsnn.errors import CheckpointError, SimulationError
-from eclsnn.simulation.network import SpikingNetwork, check_time_steps, simulate
+from eclsnn.simulation import SpikingNetwork, check_time_steps, simulate
 
 __all__ = [
     "load_split", "eval_loader", "calibration_batches", "load_ann", "convert_kwargs", "save_snn", "load_snn",

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 from eclsnn.config import load_config, parse_overrides
-from eclsnn.conversion.converter import convert
-from eclsnn.recipes.common import DEMO_VARIANTS, eval_loader, evaluate_variants, format_table, load_ann, load_split, plot_accuracy_vs_t, write_json
+from eclsnn.recipes.convert import convert_checkpoint
+from eclsnn.recipes.variants import DEMO_VARIANTS
+from eclsnn.recipes.common import eval_loader, evaluate_variants, format_table, load_ann, load_split, plot_accuracy_vs_t, write_json
 from eclsnn.training.trainer import train
 
 REPORTED_STEPS = (1, 2, 4, 8)
@@ -35,7 +36,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     train_seconds = time.perf_counter() - start
 
     model, ckpt = load_ann(run)
-    variants = {name: convert(model, **kwargs) for name, kwargs in DEMO_VARIANTS.items()}
+    variants = convert_checkpoint(model, ckpt, cfg, DEMO_VARIANTS)
     T = max(args.time_steps, 1)
     dataset, indices = load_split(cfg.data, "test", cfg.train.seed, cfg.evaluate.max_samples)
     progress = None if args.no_progress else f"simulate T={T}"

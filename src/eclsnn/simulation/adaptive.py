@@ -17,19 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 from eclsnn.errors import SimulationError
-from eclsnn.core.neurons import DualThresholdIFNeuron
-from eclsnn.simulation.network import SpikingNetwork, _check_input, _check_network, check_time_steps
+from eclsnn.simulation.network import SpikingNetwork, check_time_steps
+from eclsnn.simulation.run import check_input, check_network
 
 __all__ = ["simulate_adaptive", "evaluate_adaptive", "calibrate_margin", "AdaptiveResult", "DEFAULT_BLOCK"]
-
-
-def _keep_rows(snn: SpikingNetwork, keep: torch.Tensor) -> None:
-    """Drop finished samples from every neuron's state."""
-    for _, neuron in snn.neurons():
-        if neuron.v is not None:
-            neuron.v = neuron.v[keep]
-        if isinstance(neuron, DualThresholdIFNeuron) and neuron.count is not None:
-            neuron.count = neuron.count[keep]
 
 
 #: steps simulated per block by :func:`simulate_adaptive` (chosen by ``benchmarks/adaptive_latency.py``)
@@ -51,10 +42,10 @@ def simulate_adaptive(snn: SpikingNetwork, x: torch.Tensor, max_steps: int, marg
 
     ``margin=inf`` is the fixed-T simulation (every sample runs ``max_steps`` steps).
     """
-    snn = _check_network(snn)
+    snn = check_network(snn)
     T = check_time_steps(max_steps)
     k = check_time_steps(block)
-    x = _check_input(x)
+    x = check_input(x)
     if not margin >= 0:
         raise SimulationError(f"margin must be a non-negative number, got {margin!r}")
     param = next(snn.parameters(), None)
@@ -98,7 +89,7 @@ def simulate_adaptive(snn: SpikingNetwork, x: torch.Tensor, max_steps: int, marg
                 break
             if done.any():
                 active, x = active[keep], x[keep]
-                _keep_rows(snn, keep)
+                snn.keep_rows(keep)
                 cum = cum[:, keep]
             total = cum[-1]
         return final, steps
@@ -156,7 +147,7 @@ def calibrate_margin(snn: SpikingNetwork, loader: Iterable, max_steps: int, max_
     T = check_time_steps(max_steps)
     means, labels = [], []
     for x, y in loader:
-        out = snn.run(_check_input(x).to(next(snn.parameters()).dtype), T)
+        out = snn.run(check_input(x).to(next(snn.parameters()).dtype), T)
         means.append(out.cumsum(0) / torch.arange(1, T + 1, dtype=out.dtype).view(T, 1, 1))
         labels.append(y)
     if not means:

@@ -30,7 +30,7 @@ from torch import nn
 from eclsnn.core.clip import ThresholdClip
 from eclsnn.conversion.converter import convert
 from eclsnn.errors import EclsnnError, SpikingLoopError
-from eclsnn.simulation.network import SpikingNetwork, check_time_steps, observe_neurons
+from eclsnn.simulation import SpikingNetwork, check_time_steps, observe_neurons
 
 __all__ = ["SpikingLoop", "SpikingLoopError", "layer_rates"]
 

@@ -13,14 +13,14 @@ a per-user cache (``$ECLSNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/eclsnn`` or ``~/
 loaded with ctypes. Built with ``-fopenmp`` the kernels run on ``torch.get_num_threads()`` threads of
 the OpenMP runtime torch itself has loaded (the same shared library, so the two never compete for
 cores); without OpenMP they run on one thread. Nothing is downloaded. Without a compiler eclsnn warns once and uses the PyTorch
-reference path (same results, slower). ``ECLSNN_KERNELS=off`` always uses the reference path,
-``ECLSNN_KERNELS=on`` makes a failed build an error. CUDA tensors, other dtypes than float32/float64
+reference path (same results, slower). Which calls run here is decided by the backend choice and the
+one dispatch rule of :mod:`eclsnn.core.backends` (``ECLSNN_KERNELS=off`` is the reference path,
+``ECLSNN_KERNELS=on`` makes a failed build an error); CUDA tensors, other dtypes than float32/float64
 and unusual memory layouts always take the reference path.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import os
@@ -36,7 +36,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "enabled", "reference_only", "openmp", "build_error", "supports", "neuron_run",
+from eclsnn.errors import BackendError
+from eclsnn.core.backends.selection import default_backend, env_backend, reference_only
+
+__all__ = ["available", "built", "enabled", "reference_only", "openmp", "build_error", "supports", "neuron_run",
            "neuron_pool_run", "clip_forward", "clip_backward"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
@@ -50,12 +53,6 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 _tried = False
-_disabled_depth = 0  # > 0 inside reference_only()
-
-
-def _mode() -> str:
-    mode = os.environ.get("ECLSNN_KERNELS", "auto").strip().lower()
-    return {"0": "off", "false": "off", "no": "off", "1": "on", "true": "on", "yes": "on"}.get(mode, mode)
 
 
 def _cache_dir() -> Path:
@@ -134,7 +131,7 @@ _SIGNATURES = {
 }
 
 
-def _load() -> ctypes.CDLL | None:
+def _load(warn: bool = True) -> ctypes.CDLL | None:
     global _lib, _error, _tried
     if _tried:
         return _lib
@@ -151,35 +148,31 @@ def _load() -> ctypes.CDLL | None:
             _lib = lib
         except Exception as exc:  # any build or load failure: fall back to the reference path
             _error = str(exc)
-            if _mode() == "on":
+            if env_backend() == "fused-cpu":
                 _tried = True
-                raise RuntimeError(f"eclsnn: ECLSNN_KERNELS=on but the fused CPU kernels could not be built: {_error}") from None
-            warnings.warn(f"eclsnn: fused CPU kernels unavailable ({_error}); using the PyTorch reference path "
-                          "(identical results, slower). Set ECLSNN_KERNELS=off to silence this.", RuntimeWarning,
-                          stacklevel=3)
+                raise BackendError(f"eclsnn: ECLSNN_KERNELS=on but the fused CPU kernels could not be built: {_error}") from None
+            if warn:
+                warnings.warn(f"eclsnn: fused CPU kernels unavailable ({_error}); using the PyTorch reference path "
+                              "(identical results, slower). Set ECLSNN_KERNELS=off to silence this.", RuntimeWarning,
+                              stacklevel=3)
         _tried = True
     return _lib
 
 
 def enabled() -> bool:
-    """True unless ``ECLSNN_KERNELS=off`` or inside :func:`reference_only`."""
-    return _disabled_depth == 0 and _mode() != "off"
+    """True unless the default backend is the reference (``ECLSNN_KERNELS=off``, or inside
+    :func:`reference_only`)."""
+    return default_backend() != "reference"
 
 
-@contextlib.contextmanager
-def reference_only():
-    """Run everything inside on the PyTorch reference path (for checks against the fused kernels)."""
-    global _disabled_depth
-    _disabled_depth += 1
-    try:
-        yield
-    finally:
-        _disabled_depth -= 1
+def built(warn: bool = True) -> bool:
+    """True if the fused kernels are built (builds them on the first call; a failure warns once)."""
+    return _load(warn) is not None
 
 
 def available() -> bool:
     """True if the fused kernels are enabled and built (builds them on the first call)."""
-    return enabled() and _load() is not None
+    return enabled() and built()
 
 
 def build_error() -> str | None:
