@@ -318,15 +318,16 @@ def spike_for_spike(model: nn.Module, x: torch.Tensor, T: int = 16) -> dict:
         xd = x.double()
         fast = snn.run(xd, T)  # the default fast path
         spikes_multi, spikes_single = {}, {}
-        # run() calls each neuron's multi_step() directly (no forward hooks), so record by wrapping the
-        # instances' step methods (a wrapped multi_step also turns the pool fusion off for that layer).
+        # run() calls each neuron's multi_step() directly (no forward hooks): the multi-step spikes come
+        # from an observer on the network (which also turns the pool fusion off), the single-step ones
+        # from wrapping the instances' single_step (what the graph's forward calls).
+        snn.add_observer(lambda name, node, inp, o, _store=spikes_multi: _store.setdefault(name, []).append(o.clone()))
         for name, neuron_mod in snn.neurons():
-            for meth, store in (("multi_step", spikes_multi), ("single_step", spikes_single)):
-                def wrapped(inp, _orig=getattr(neuron_mod, meth), _store=store, _name=name):
-                    o = _orig(inp)
-                    _store.setdefault(_name, []).append(o.clone())
-                    return o
-                setattr(neuron_mod, meth, wrapped)
+            def wrapped(inp, _orig=neuron_mod.single_step, _store=spikes_single, _name=name):
+                o = _orig(inp)
+                _store.setdefault(_name, []).append(o.clone())
+                return o
+            neuron_mod.single_step = wrapped
         snn.max_rows = None
         multi = snn.run(xd, T)
         with eclsnn.core.backends.cpu.reference_only():
@@ -461,7 +462,7 @@ def write_md(path: Path, res: dict) -> None:
         L.append("eclsnn's fast multi-step `snn.run(x, T)` (C kernels, neuron+pool fusion, sub-batches) vs a plain "
                  "single-step loop on the PyTorch reference path (`snn.set_step_mode('single')`, `snn(x)` T times, "
                  "inside `eclsnn.core.backends.cpu.reference_only()`) on the trained network; every neuron layer's output recorded "
-                 "by wrapping its step methods (run() calls them directly, so forward hooks would miss them).\n")
+                 "by an observer on the network (multi-step) and by wrapping single_step (single-step).\n")
         L.append("| neuron | T | batch | readout identical | all spike trains identical | non-zero spike events | max |Δreadout| |")
         L.append("|---|---|---|---|---|---|---|")
         for n, r in res["spike_for_spike"].items():

@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import eclsnn
-from eclsnn.analysis.decomposition import (
-    E_AC_PJ, E_MAC_PJ, POOLED, SPIKES, _folded_fanout, _sops, analyze, fanout_map, format_analysis, layer_errors,
-    quantized_reference, synapse_kinds,
-)
+from eclsnn.analysis.counting import E_AC_PJ, E_MAC_PJ, POOLED, SPIKES, _folded_fanout, _sops, fanout_map, synapse_kinds
+from eclsnn.analysis.decomposition import analyze, layer_errors, quantized_reference
+from eclsnn.analysis.report import format_analysis
 from eclsnn.cli import main
 from eclsnn.models import create
 

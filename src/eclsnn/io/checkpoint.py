@@ -29,22 +29,21 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
 from eclsnn.errors import CheckpointError
+from eclsnn.io._files import FAULT_ENV, _fault_hit, _fsync_dir, _pid_alive, _write_bytes, git_revision
+from eclsnn.io.rng_state import capture_rng_state, restore_rng_state
+from eclsnn.io.safetensors_io import (_PICKLE_SUFFIXES, _UNPICKLE_MESSAGE, _decode, _read_json, _read_safetensors,
+                                      _refuse_pickle, _state_files)
 
 __all__ = [
     "FORMAT",
@@ -66,208 +65,6 @@ FORMAT_VERSION = 1
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
-FAULT_ENV = "ECLSNN_FAULT_CHECKPOINT"
-
-_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar", ".npy", ".npz", ".joblib")
-_UNPICKLE_MESSAGE = (
-    "eclsnn never unpickles files (unpickling can run arbitrary code). If you trust the file, convert it "
-    "yourself: `sd = torch.load(path, weights_only=True); safetensors.torch.save_file(sd, "
-    "'model.safetensors')`, then load the weights into a model from eclsnn.models.create and save an "
-    "eclsnn checkpoint with eclsnn.io.checkpoint.save_checkpoint"
-)
-
-
-# --------------------------------------------------------------------------------------------------
-# small helpers
-
-
-@lru_cache(maxsize=1)
-def git_revision() -> str | None:
-    """The commit of the eclsnn source tree (``git rev-parse HEAD``), or None outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=5, check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    rev = out.stdout.strip()
-    return rev if out.returncode == 0 and len(rev) >= 40 else None
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fault_spec() -> tuple[str, int, int] | None:
-    """``(file, byte offset, n)`` from ``ECLSNN_FAULT_CHECKPOINT="<file>:<offset>[:<n>]"``: stop during
-    the n-th write (default 1st) of that file by this process."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    parts = spec.split(":")
-    try:
-        if len(parts) == 3:
-            return parts[0], int(parts[1]), int(parts[2])
-        if len(parts) == 2:
-            return parts[0], int(parts[1]), 1
-    except ValueError:
-        pass
-    return None
-
-
-_fault_counts: dict[str, int] = {}
-
-
-def _fault_hit(name: str, checkpoint: str) -> int | None:
-    """The byte offset at which to stop if this write of `name` is the one selected for a fault."""
-    spec = _fault_spec()
-    if spec is None or spec[0] not in (name, f"{checkpoint}/{name}"):
-        return None
-    _fault_counts[spec[0]] = _fault_counts.get(spec[0], 0) + 1
-    return spec[1] if _fault_counts[spec[0]] == spec[2] else None
-
-
-def _write_bytes(path: Path, data: bytes, checkpoint: str) -> None:
-    """Write and fsync one file; the fault-injection hook stops the process part-way if asked."""
-    stop_at = _fault_hit(path.name, checkpoint)
-    with open(path, "wb") as f:
-        if stop_at is not None:
-            f.write(data[:stop_at])
-            f.flush()
-            os.fsync(f.fileno())
-            os._exit(137)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8")
-
-
-# --------------------------------------------------------------------------------------------------
-# nested state (optimizer, scheduler, RNG) <-> JSON structure + named tensors
-
-
-def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
-    if torch.is_tensor(obj):
-        name = path or "tensor"
-        while name in tensors:  # e.g. keys "a.b" and {"a": {"b": ...}} in the same structure
-            name += "'"
-        tensors[name] = obj.detach().to("cpu", copy=True).contiguous()
-        return {"__tensor__": name}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: _encode(v, tensors, f"{path}.{k}" if path else k) for k, v in obj.items()}
-        return {"__dict__": [[_encode(k, tensors, f"{path}.key{i}"), _encode(v, tensors, f"{path}.{k}")]
-                             for i, (k, v) in enumerate(obj.items())]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    try:  # numpy arrays and scalars (numpy's RNG state)
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        np = None
-    if np is not None and isinstance(obj, np.ndarray) and obj.size <= 4096:  # small arrays (RNG keys) as JSON
-        return {"__ndarray__": {"dtype": str(obj.dtype), "shape": list(obj.shape), "data": obj.ravel().tolist()}}
-    if np is not None and isinstance(obj, np.generic):
-        return obj.item()
-    raise CheckpointError(
-        f"cannot store a {type(obj).__name__} at {path or 'top level'} in a checkpoint (only tensors, "
-        "numbers, strings, lists, tuples and dicts; eclsnn does not pickle)"
-    )
-
-
-def _decode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {"__tensor__"}:
-            try:
-                return tensors[obj["__tensor__"]]
-            except KeyError:
-                raise CheckpointError(f"{where}: tensor {obj['__tensor__']!r} is missing; the checkpoint is corrupt") from None
-        if set(obj) == {"__tuple__"}:
-            return tuple(_decode(v, tensors, where) for v in obj["__tuple__"])
-        if set(obj) == {"__dict__"}:
-            return {_decode(k, tensors, where): _decode(v, tensors, where) for k, v in obj["__dict__"]}
-        if set(obj) == {"__ndarray__"}:
-            import numpy as np
-
-            spec = obj["__ndarray__"]
-            return np.asarray(spec["data"], dtype=spec["dtype"]).reshape(spec["shape"])
-        return {k: _decode(v, tensors, where) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v, tensors, where) for v in obj]
-    return obj
-
-
-def _state_files(stem: str, state: Any) -> dict[str, bytes]:
-    tensors: dict[str, torch.Tensor] = {}
-    structure = _encode(state, tensors, "")
-    files = {f"{stem}.json": _json_bytes(structure)}
-    if tensors:
-        files[f"{stem}.safetensors"] = st_save(tensors)
-    return files
-
-
-# --------------------------------------------------------------------------------------------------
-# RNG
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """The global RNG states: torch CPU (and every CUDA device in use), Python ``random``, numpy."""
-    state: dict[str, Any] = {"torch_cpu": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["torch_cuda"] = list(torch.cuda.get_rng_state_all())
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        pass
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state` (states of devices that are not present are skipped)."""
-    if "torch_cpu" in state:
-        torch.set_rng_state(state["torch_cpu"].to(torch.uint8))
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "torch_cuda" in state and torch.cuda.is_available():
-        cuda_states = state["torch_cuda"][: torch.cuda.device_count()]
-        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in cuda_states])
-    if "numpy" in state:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
-
 
 # --------------------------------------------------------------------------------------------------
 # writing
@@ -397,50 +194,6 @@ def save_checkpoint(
 # reading
 
 
-def _refuse_pickle(path: Path) -> None:
-    """Raise if `path` looks like a pickle or a torch.save zip archive (by name or by its first bytes)."""
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path} looks like a pickle-based file ({path.suffix}). {_UNPICKLE_MESSAGE}")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        size = path.stat().st_size
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
-    # A safetensors file starts with its header's length (8 bytes, little-endian), then the JSON header:
-    # a length whose low byte is 0x80 must not be taken for a pickle's protocol marker.
-    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
-        return
-    if head[:1] == b"\x80" or head[:2] == b"PK":
-        kind = "a pickle" if head[:1] == b"\x80" else "a zip archive (the torch.save format)"
-        raise CheckpointError(f"{path} is {kind}. {_UNPICKLE_MESSAGE}")
-
-
-def _read_file(path: Path) -> bytes:
-    _refuse_pickle(path)
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    data = _read_file(path)
-    try:
-        return st_load(data)
-    except (SafetensorError, Exception) as exc:  # the Rust parser raises several types
-        raise CheckpointError(
-            f"{path} is not a valid safetensors file ({exc}); it is truncated or corrupt. "
-            "Use another checkpoint (e.g. checkpoints/best or an earlier copy)."
-        ) from None
-
-
-def _read_json(path: Path) -> Any:
-    data = _read_file(path)
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is truncated or corrupt") from None
 
 
 def _checkpoint_dir(folder: Path) -> Path | None:

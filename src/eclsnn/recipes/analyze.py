@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from eclsnn.analysis.decomposition import analyze, format_analysis, plot_analysis
+from eclsnn.analysis import analyze, format_analysis, plot_analysis
 from eclsnn.recipes.common import eval_loader, load_ann, load_split, write_json
 from eclsnn.recipes.configure import layered_config
 from eclsnn.recipes.convert import convert_checkpoint, relu_thresholds

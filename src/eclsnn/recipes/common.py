@@ -1,41 +1,30 @@
 """The glue between a trained checkpoint and the numbers a user reads: data splits for evaluation and
 calibration, converting a checkpoint, evaluating ANN and SNN variants in one pass, tables, plots and
-result files. The command line (:mod:`eclsnn.cli`) is a thin layer over these functions.
+result files. (SNN folders live in :mod:`eclsnn.io.snn_folder`; the names are re-exported here.)
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from eclsnn.io.checkpoint import Checkpoint, build_model, load_checkpoint, resolve_checkpoint
-from eclsnn.config import ConvertConfig, DataConfig
-from eclsnn.conversion.converter import convert
-from eclsnn.errors import CheckpointError, SimulationError
+from eclsnn._util import atomic_write_json
+from eclsnn.config import DataConfig
+from eclsnn.errors import SimulationError
+from eclsnn.io.snn_folder import SNN_SPEC, SNN_THRESHOLDS, convert_kwargs, is_snn_folder, load_ann, load_snn, save_snn
+from eclsnn.recipes.variants import DEMO_VARIANTS
 from eclsnn.simulation import SpikingNetwork, check_time_steps, simulate
 
 __all__ = [
     "load_split", "eval_loader", "calibration_batches", "load_ann", "convert_kwargs", "save_snn", "load_snn",
-    "evaluate_variants", "format_table", "plot_accuracy_vs_t", "write_json", "DEMO_VARIANTS",
+    "evaluate_variants", "format_table", "plot_accuracy_vs_t", "write_json", "DEMO_VARIANTS", "is_snn_folder",
+    "SNN_SPEC", "SNN_THRESHOLDS",
 ]
-
-#: The three variants of the demo: the plain IF neuron, IF with θ/2 start, the dual-threshold neuron.
-DEMO_VARIANTS: dict[str, dict[str, Any]] = {
-    "if-v0": {"neuron": "if", "v_init": 0.0},
-    "if-half": {"neuron": "if", "v_init": 0.5},
-    "dual": {"neuron": "dual", "v_init": 0.5},
-}
-
-SNN_SPEC = "snn.json"
-SNN_THRESHOLDS = "thresholds.safetensors"
-
 
 # ---- data -----------------------------------------------------------------------------------------
 
@@ -76,73 +65,6 @@ def calibration_batches(data: DataConfig, seed: int, batch_size: int, num_batche
         if len(batches) >= num_batches:
             break
     return batches
-
-
-# ---- checkpoints and SNN specs -------------------------------------------------------------------------
-
-def load_ann(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Checkpoint]:
-    """The trained ANN of a checkpoint (run folder, checkpoint folder or its weights file), in eval mode."""
-    ckpt = load_checkpoint(resolve_checkpoint(path))
-    return build_model(ckpt).to(device).eval(), ckpt
-
-
-def convert_kwargs(settings: ConvertConfig | dict, **overrides) -> dict[str, Any]:
-    """Keyword arguments of :func:`eclsnn.convert` from a ``[convert]`` section."""
-    d = asdict(settings) if not isinstance(settings, dict) else dict(settings)
-    d.update(overrides)
-    keys = ("neuron", "v_init", "theta_neg", "maxpool", "threshold_rule", "percentile")
-    return {k: d[k] for k in keys if k in d}
-
-
-def save_snn(folder: str | os.PathLike, checkpoint: Path, snn: SpikingNetwork, settings: dict[str, Any]) -> Path:
-    """Save a converted SNN as what rebuilds it: the ANN checkpoint's path, the conversion settings
-    (JSON) and the thresholds θ (safetensors) — never a pickled module."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    thetas = {k: v.contiguous() for k, v in snn.thresholds().items()}
-    save_file(thetas, str(folder / SNN_THRESHOLDS))
-    spec = {
-        "format": "eclsnn-snn", "version": 1, "checkpoint": str(Path(checkpoint).resolve()), "convert": settings,
-        "neurons": [{"name": k, "theta": v.tolist()} for k, v in thetas.items()],
-    }
-    write_json(folder / SNN_SPEC, spec)
-    return folder
-
-
-def is_snn_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / SNN_SPEC).is_file()
-
-
-def load_snn(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SpikingNetwork, nn.Module, Checkpoint, dict]:
-    """Rebuild a saved SNN by converting its ANN checkpoint again with the stored settings and θ."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    try:
-        spec = json.loads((folder / SNN_SPEC).read_text())
-        thetas = load_file(str(folder / SNN_THRESHOLDS))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read the SNN in {folder}: {exc}; convert the checkpoint again with 'eclsnn convert'") from None
-    if spec.get("format") != "eclsnn-snn":
-        raise CheckpointError(f"{folder / SNN_SPEC} is not an eclsnn SNN description")
-    model, ckpt = load_ann(spec["checkpoint"], device)
-    kwargs = convert_kwargs(spec["convert"])
-    relu_thetas = {k: v for k, v in thetas.items() if not _is_clip_layer(model, k)}
-    snn = convert(model, thresholds=relu_thetas or None, **kwargs)
-    return snn, model, ckpt, spec
-
-
-def _is_clip_layer(model: nn.Module, name: str) -> bool:
-    """Whether neuron ``name`` takes its θ from a learned λ (else it was calibrated, e.g. a ReLU
-    module or a functional ReLU that conversion gave its own module)."""
-    from eclsnn.core.clip import ThresholdClip
-
-    try:
-        return isinstance(model.get_submodule(name), ThresholdClip)
-    except AttributeError:
-        return False
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------
@@ -210,9 +132,5 @@ def plot_accuracy_vs_t(results: dict[str, Any], path: str | os.PathLike, title: 
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write JSON atomically (eclsnn._util's writer: a temporary file, fsynced, then renamed)."""
+    return atomic_write_json(path, obj, indent=2)

@@ -1,0 +1,144 @@
+"""Reading and writing the files of a checkpoint: safetensors (never a pickle: a pickled file is refused
+with what to do instead) and JSON, and nested state (optimizer, scheduler, RNG) split into a JSON
+structure plus named tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from eclsnn.errors import CheckpointError
+
+_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar", ".npy", ".npz", ".joblib")
+_UNPICKLE_MESSAGE = (
+    "eclsnn never unpickles files (unpickling can run arbitrary code). If you trust the file, convert it "
+    "yourself: `sd = torch.load(path, weights_only=True); safetensors.torch.save_file(sd, "
+    "'model.safetensors')`, then load the weights into a model from eclsnn.models.create and save an "
+    "eclsnn checkpoint with eclsnn.io.checkpoint.save_checkpoint"
+)
+
+
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8")
+
+
+
+# --------------------------------------------------------------------------------------------------
+# nested state (optimizer, scheduler, RNG) <-> JSON structure + named tensors
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if torch.is_tensor(obj):
+        name = path or "tensor"
+        while name in tensors:  # e.g. keys "a.b" and {"a": {"b": ...}} in the same structure
+            name += "'"
+        tensors[name] = obj.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": name}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors, f"{path}.{k}" if path else k) for k, v in obj.items()}
+        return {"__dict__": [[_encode(k, tensors, f"{path}.key{i}"), _encode(v, tensors, f"{path}.{k}")]
+                             for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    try:  # numpy arrays and scalars (numpy's RNG state)
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        np = None
+    if np is not None and isinstance(obj, np.ndarray) and obj.size <= 4096:  # small arrays (RNG keys) as JSON
+        return {"__ndarray__": {"dtype": str(obj.dtype), "shape": list(obj.shape), "data": obj.ravel().tolist()}}
+    if np is not None and isinstance(obj, np.generic):
+        return obj.item()
+    raise CheckpointError(
+        f"cannot store a {type(obj).__name__} at {path or 'top level'} in a checkpoint (only tensors, "
+        "numbers, strings, lists, tuples and dicts; eclsnn does not pickle)"
+    )
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            try:
+                return tensors[obj["__tensor__"]]
+            except KeyError:
+                raise CheckpointError(f"{where}: tensor {obj['__tensor__']!r} is missing; the checkpoint is corrupt") from None
+        if set(obj) == {"__tuple__"}:
+            return tuple(_decode(v, tensors, where) for v in obj["__tuple__"])
+        if set(obj) == {"__dict__"}:
+            return {_decode(k, tensors, where): _decode(v, tensors, where) for k, v in obj["__dict__"]}
+        if set(obj) == {"__ndarray__"}:
+            import numpy as np
+
+            spec = obj["__ndarray__"]
+            return np.asarray(spec["data"], dtype=spec["dtype"]).reshape(spec["shape"])
+        return {k: _decode(v, tensors, where) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors, where) for v in obj]
+    return obj
+
+
+def _state_files(stem: str, state: Any) -> dict[str, bytes]:
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(state, tensors, "")
+    files = {f"{stem}.json": _json_bytes(structure)}
+    if tensors:
+        files[f"{stem}.safetensors"] = st_save(tensors)
+    return files
+
+
+def _refuse_pickle(path: Path) -> None:
+    """Raise if `path` looks like a pickle or a torch.save zip archive (by name or by its first bytes)."""
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path} looks like a pickle-based file ({path.suffix}). {_UNPICKLE_MESSAGE}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    # A safetensors file starts with its header's length (8 bytes, little-endian), then the JSON header:
+    # a length whose low byte is 0x80 must not be taken for a pickle's protocol marker.
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        kind = "a pickle" if head[:1] == b"\x80" else "a zip archive (the torch.save format)"
+        raise CheckpointError(f"{path} is {kind}. {_UNPICKLE_MESSAGE}")
+
+
+def _read_file(path: Path) -> bytes:
+    _refuse_pickle(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    data = _read_file(path)
+    try:
+        return st_load(data)
+    except (SafetensorError, Exception) as exc:  # the Rust parser raises several types
+        raise CheckpointError(
+            f"{path} is not a valid safetensors file ({exc}); it is truncated or corrupt. "
+            "Use another checkpoint (e.g. checkpoints/best or an earlier copy)."
+        ) from None
+
+
+def _read_json(path: Path) -> Any:
+    data = _read_file(path)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is truncated or corrupt") from None
