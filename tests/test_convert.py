@@ -119,12 +119,40 @@ def test_unfolded_batchnorm_stays_as_per_step_affine_layer():
         def forward(self, x):
             return self.fc(self.act(self.conv(self.bn(x))).flatten(1))
 
+    torch.manual_seed(0)
     model = _randomise_bn(BNFirst())
     snn = convert(model)
     assert isinstance(snn.graph_module.bn, nn.BatchNorm2d)
-    x = torch.randn(4, 3, 6, 6)
+
+    # The BN node itself, in the multi-step forward with a different input at every step: it runs
+    # once on all T steps, and its output at each step is bn(x_t) with the ANN's running statistics.
+    T, B = 5, 4
+    x_seq = torch.randn(T, B, 3, 6, 6)
+    seen = []
+    handle = snn.graph_module.bn.register_forward_hook(lambda _m, inp, out: seen.append((inp[0].clone(), out.clone())))
+    try:
+        with torch.no_grad():
+            snn(x_seq)
+    finally:
+        handle.remove()
+    assert len(seen) == 1, f"the BatchNorm layer ran {len(seen)} times in a {T}-step forward"
+    bn_in, bn_out = (v.view(T, B, 3, 6, 6) for v in seen[0])
+    torch.testing.assert_close(bn_in, x_seq, rtol=0, atol=0)
+    with torch.no_grad():
+        for t in range(T):
+            torch.testing.assert_close(bn_out[t], model.bn(x_seq[t]), rtol=1e-6, atol=1e-6)
+
+    # End to end: the converted network on x equals the converted rest of the network (conv, clip,
+    # fc; no BN) on bn(x) -- so the BN step is applied, once per step, and nothing else changes.
+    rest = nn.Sequential(model.conv, model.act, nn.Flatten(), model.fc).eval()
+    x = torch.randn(B, 3, 6, 6)
     out = simulate(snn, x, 64)
-    assert (out[-1] - model(x)).abs().max() < 0.2
+    with torch.no_grad():
+        ref = simulate(convert(rest), model.bn(x), 64)
+        ann = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # and the rate code approaches the (quantised) ANN, with an error well below the signal
+    assert (out[-1] - ann).abs().max() < 0.25 * ann.abs().max()
 
 
 def test_input_model_is_not_modified():
