@@ -1,6 +1,7 @@
 """The fused CPU kernels (eclsnn.core.backends.cpu) against the PyTorch reference functions: bit-identical
 neuron dynamics, pooling and clip forward/gradient; the λ-gradient to float64 precision and independent
-of the thread count; the fallback when no compiler is available; and the simulator's fast path
+of the thread count (each comparison counts the calls into the compiled library, so the fast side really
+ran the kernels); the fallback when no compiler is available; and the simulator's fast path
 (kernels, neuron+pool fusion, sub-batching) spike for spike against a plain single-step loop."""
 
 import os
@@ -31,6 +32,28 @@ def test_kernels_build_here():
         assert kernels.openmp()
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts calls into the compiled library, by entry point (``"if_run"``, ``"clip_bwd_pc"``, ...,
+    both dtypes together): every ctypes function the Python side calls is wrapped for the test. A
+    comparison of the fast path with the reference means nothing unless these counts moved."""
+    from collections import Counter
+
+    lib = kernels._load()
+    assert lib is not None, kernels.build_error()
+    calls = Counter()
+    for name in kernels._SIGNATURES:
+        for suffix in ("f32", "f64"):
+            fn = getattr(lib, f"{name}_{suffix}")
+
+            def counted(*args, _fn=fn, _name=name):
+                calls[_name] += 1
+                return _fn(*args)
+
+            monkeypatch.setattr(lib, f"{name}_{suffix}", counted)
+    return calls
+
+
 def _seq(T, shape, dtype, layout, seed=0, scale=0.7):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T * shape[0], *shape[1:], generator=g, dtype=dtype) * scale
@@ -59,13 +82,17 @@ CASES = [  # (shape of one step, layout)
 @pytest.mark.parametrize("shape,layout", CASES)
 @pytest.mark.parametrize("kind,theta_neg", [("if", 0.0), ("dual", 0.0), ("dual", -0.5), ("dual", -0.001)])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_neuron_kernels_are_bit_identical_to_the_reference(dtype, shape, layout, kind, theta_neg, per_channel):
+def test_neuron_kernels_are_bit_identical_to_the_reference(dtype, shape, layout, kind, theta_neg, per_channel,
+                                                           kernel_calls):
     T = 5
     x = _seq(T, shape, dtype, layout)
     theta = torch.rand(shape[1], generator=torch.Generator().manual_seed(1)) + 0.4 if per_channel else torch.tensor(0.9)
     n = _neuron(kind, theta, theta_neg)
     ref, ref_v, ref_c = _reference(n, x)
+    assert sum(kernel_calls.values()) == 0  # the reference ran without the kernels
     out = n.multi_step(x)
+    entry = "if_run" if kind == "if" else "dual_run"
+    assert kernel_calls == {entry: 1}  # ... and the fast path through them
     assert torch.equal(out, ref) and torch.equal(n.v, ref_v)
     if kind == "dual":
         assert torch.equal(n.count, ref_c)
@@ -74,6 +101,7 @@ def test_neuron_kernels_are_bit_identical_to_the_reference(dtype, shape, layout,
     const = x[0].unsqueeze(0).expand(T, *x.shape[1:])
     assert const.stride(0) == 0
     assert torch.equal(n.multi_step(const), _reference(n, const)[0])
+    assert kernel_calls == {entry: 2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -105,7 +133,7 @@ def test_fused_pooling_declines_what_it_cannot_do_exactly():
 
 
 @pytest.mark.parametrize("kind", ["if", "dual"])
-def test_single_step_kernel_path_matches_the_reference_steps(kind):
+def test_single_step_kernel_path_matches_the_reference_steps(kind, kernel_calls):
     x = _seq(6, (8, 4, 5, 5), torch.float32, "channels_last")
     fast, ref = _neuron(kind, 0.8), _neuron(kind, 0.8)
     for t in range(6):
@@ -113,6 +141,7 @@ def test_single_step_kernel_path_matches_the_reference_steps(kind):
         with kernels.reference_only():
             b = ref.single_step(x[t])
         assert torch.equal(a, b) and torch.equal(fast.v, ref.v)
+    assert kernel_calls == {"if_run" if kind == "if" else "dual_run": 6}  # one kernel call per fast step
     # a batch that shrinks (adaptive inference drops finished samples) keeps working
     keep = torch.tensor([True, False] * 4)
     fast.v = fast.v[keep]
@@ -137,16 +166,22 @@ def test_neuron_kernels_property_dyadic_inputs(T, n, k, kind):
 
 # ---- threshold clipping function --------------------------------------------------------------------
 
-def _clip_both(z, lam, levels, grad):
+def _clip_both(z, lam, levels, grad, calls):
+    """(reference, kernel) results of forward and backward; ``calls`` (the kernel_calls fixture)
+    must show no kernel call for the first and one forward and one backward call for the second."""
     results = []
+    suffix = "_pc" if lam.numel() > 1 else ""
     for reference in (True, False):
         zz, ll = z.clone().requires_grad_(True), lam.clone().requires_grad_(True)
+        before = dict(calls)
         if reference:
             with kernels.reference_only():
                 h = SF.threshold_clip(zz, ll, levels)
         else:
             h = SF.threshold_clip(zz, ll, levels)
         h.backward(grad)
+        made = {k: v - before.get(k, 0) for k, v in calls.items() if v != before.get(k, 0)}
+        assert made == ({} if reference else {f"clip_fwd{suffix}": 1, f"clip_bwd{suffix}": 1}), made
         results.append((h.detach(), zz.grad, ll.grad))
     return results
 
@@ -156,7 +191,8 @@ def _clip_both(z, lam, levels, grad):
                                           ((300, 40), "contiguous"), ((64, 32, 28, 28), "channels_last")])
 @pytest.mark.parametrize("levels", [None, 1, 2, 3, 4, 8])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_clip_kernel_forward_and_gradients_match_the_reference(dtype, shape, layout, levels, per_channel):
+def test_clip_kernel_forward_and_gradients_match_the_reference(dtype, shape, layout, levels, per_channel,
+                                                               kernel_calls):
     g = torch.Generator().manual_seed(3)
     z = torch.randn(shape, generator=g, dtype=dtype) * 2
     grad = torch.randn(shape, generator=g, dtype=dtype)
@@ -164,7 +200,7 @@ def test_clip_kernel_forward_and_gradients_match_the_reference(dtype, shape, lay
         z, grad = z.contiguous(memory_format=torch.channels_last), grad.contiguous(memory_format=torch.channels_last)
     C = shape[1]
     lam = (torch.rand(C, generator=g) + 0.5).view(C, *([1] * (len(shape) - 2))) if per_channel else torch.tensor(1.3)
-    (h_ref, gz_ref, gl_ref), (h, gz, gl) = _clip_both(z, lam, levels, grad)
+    (h_ref, gz_ref, gl_ref), (h, gz, gl) = _clip_both(z, lam, levels, grad, kernel_calls)
     assert torch.equal(h, h_ref)  # bit-identical forward
     assert torch.equal(gz, gz_ref)  # bit-identical input gradient
     # λ-gradient: a sum in another order; both against the exact float64 sum
@@ -256,9 +292,17 @@ def _record(snn, method: str) -> dict:
     return store
 
 
+def _expected_calls(snn, sub_batches: int, neuron: str, fused: bool = True) -> dict:
+    """Kernel calls of one :meth:`SpikingNetwork.run`: per sub-batch, one fused neuron+pool call per
+    planned fusion and one neuron call per other neuron layer."""
+    n_fused = len(snn._plan_graph()[2]) if fused else 0
+    calls = {"pool_run": n_fused * sub_batches} if n_fused else {}
+    return calls | {"if_run" if neuron == "if" else "dual_run": (len(snn.neurons()) - n_fused) * sub_batches}
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("neuron", ["if", "dual"])
-def test_fast_simulation_is_spike_for_spike_equal_to_a_plain_single_step_loop(neuron):
+def test_fast_simulation_is_spike_for_spike_equal_to_a_plain_single_step_loop(neuron, kernel_calls):
     """float64 (where every layer's arithmetic is deterministic): the fused, sub-batched multi-step run
     gives the same readout at every step, and every neuron the same spike train, as the reference
     single-step loop on the PyTorch path."""
@@ -268,6 +312,10 @@ def test_fast_simulation_is_spike_for_spike_equal_to_a_plain_single_step_loop(ne
     snn = eclsnn.convert(model, neuron=neuron)
     snn.max_rows = 40  # several sub-batches of 5 samples
     fast = snn.run(x, T)
+    # the fast run went through the kernels: 5 sub-batches, each one fused call (neuron a1 + pool p1)
+    # and one call for each of the two other neuron layers
+    expected = _expected_calls(snn, 5, neuron)
+    assert expected["pool_run"] == 5 and kernel_calls == expected
     with kernels.reference_only():
         snn.set_step_mode("single")
         spikes_ref = _record(snn, "single_step")
@@ -275,12 +323,15 @@ def test_fast_simulation_is_spike_for_spike_equal_to_a_plain_single_step_loop(ne
         for _, mod in snn.neurons():
             del mod.single_step
         snn.set_step_mode("multi")
+    assert kernel_calls == expected  # (none from the reference loop)
     assert torch.equal(fast, ref)
     # the spike trains of the (unfused) kernel path, recorded by an observer
     spikes = {}
     snn.add_observer(lambda name, node, inp, out: spikes.setdefault(name, []).append(out.clone()))
     snn.max_rows = None
     assert torch.equal(snn.run(x, T), ref)
+    unfused = _expected_calls(snn, 1, neuron, fused=False)
+    assert kernel_calls == {k: expected.get(k, 0) + unfused.get(k, 0) for k in expected | unfused}
     for name in spikes_ref:
         assert torch.equal(spikes[name][0], torch.stack(spikes_ref[name]))
     total = sum(int((torch.stack(v) != 0).sum()) for v in spikes_ref.values())
@@ -288,16 +339,21 @@ def test_fast_simulation_is_spike_for_spike_equal_to_a_plain_single_step_loop(ne
 
 
 @torch.no_grad()
-def test_fusion_and_sub_batching_change_nothing_in_float32():
+def test_fusion_and_sub_batching_change_nothing_in_float32(kernel_calls):
     model = _trained_like(PoolNet())
     x = torch.randn(32, 2, 12, 12) * 2
     snn = eclsnn.convert(model, neuron="dual")
     snn.max_rows = 64
     fast = snn.run(x, 6)
+    assert kernel_calls == _expected_calls(snn, 4, "dual") == {"pool_run": 4, "dual_run": 8}  # 4 sub-batches of 10
     snn.fuse_pooling = False
+    kernel_calls.clear()
     unfused = snn.run(x, 6)
+    assert kernel_calls == _expected_calls(snn, 4, "dual", fused=False) == {"dual_run": 12}
+    kernel_calls.clear()
     with kernels.reference_only():
         ref = snn.run(x, 6)
+    assert not kernel_calls
     assert torch.equal(fast, unfused) and torch.equal(fast, ref)
 
 
