@@ -10,7 +10,8 @@ from torch import nn
 import eclsnn
 from eclsnn import ConversionError, DualThresholdIFNeuron, IFNeuron, ThresholdClip, convert, prepare, simulate
 from eclsnn.conversion.converter import fold_batchnorm, trace
-from eclsnn.core.functional import threshold_clip
+from eclsnn.core.functional import LAMBDA_MIN, threshold_clip
+from eclsnn.simulation.network import observe_neurons
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -189,8 +190,32 @@ def test_nested_sequential_and_adaptive_pooling_convert_and_simulate():
     assert [type(n) for _, n in snn.neurons()] == [IFNeuron] * 3
     thetas = [n.theta.item() for _, n in snn.neurons()]
     assert thetas == [1.0, 1.0, 1.0]  # θ = λ
-    out = simulate(snn, torch.randn(4, 3, 8, 8), 8)
-    assert out.shape == (8, 4, 5) and torch.isfinite(out).all()
+    torch.manual_seed(1)
+    x, T = torch.randn(4, 3, 8, 8), 8
+    out = simulate(snn, x, T)
+    assert out.shape == (T, 4, 5) and torch.isfinite(out).all()
+
+    # Values: at every step each neuron layer's input current is the ANN's layers between the two
+    # activations (nested Sequential, average and adaptive pooling, BN1d, dropout gone) applied to the
+    # previous neuron layer's output at that step, and the readout is fc2 of the last one.
+    seen = {}
+    with observe_neurons(snn, lambda name, current, output: seen.setdefault(name, (current.clone(), output.clone()))):
+        readout = snn.run(x, T)
+    assert list(seen) == ["features.2", "features.4.2", "act"]
+    (i1, o1), (i2, o2), (i3, o3) = seen.values()
+    f, close = model.features, dict(rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(i1, f[1](f[0](x)).expand(T, -1, -1, -1, -1), **close)
+        torch.testing.assert_close(i2, f[4][1](f[4][0](f[3](o1.flatten(0, 1)))).view_as(i2), **close)
+        torch.testing.assert_close(i3, model.bn(model.fc1(model.pool(o2.flatten(0, 1)).flatten(1))).view_as(i3), **close)
+        torch.testing.assert_close(readout, model.fc2(o3), **close)
+        torch.testing.assert_close(out, readout.cumsum(0) / torch.arange(1, T + 1).view(T, 1, 1), **close)
+    # IF neurons with θ = 1: every output is a spike (0 or θ), and the first layer, on a constant current
+    # from v = θ/2, fires at the rate of the clip with T levels
+    for o in (o1, o2, o3):
+        assert ((o == 0) | (o == 1.0)).all()
+    assert 0 < (o1 != 0).float().mean() < 1
+    torch.testing.assert_close(o1.mean(0), threshold_clip(i1[0], torch.tensor(1.0), levels=T), rtol=0, atol=1e-6)
 
 
 def test_shared_activation_module_gets_one_neuron_per_call_site():
@@ -216,18 +241,39 @@ def test_relu_network_needs_calibration():
         convert(TinyResNet())
 
 
+def _tiny_resnet_relu_outputs(model: TinyResNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of TinyResNet's five ReLUs, in graph order, computed from its modules."""
+    with torch.no_grad():
+        h = model.bn(model.conv(x)).relu()
+        outs = [h]
+        for block in (model.layer1, model.layer2):
+            a = F.relu(block.bn1(block.conv1(h)))
+            h = torch.relu(block.bn2(block.conv2(a)) + block.short(h))
+            outs += [a, h]
+    return outs
+
+
 def test_percentile_and_channel_thresholds_from_calibration():
+    torch.manual_seed(0)
     model = _randomise_bn(TinyResNet())
     x = torch.randn(64, 3, 8, 8)
     snn_max = convert(model, calibration=x, threshold_rule="max")
     snn_pct = convert(model, calibration=x, threshold_rule="percentile", percentile=99.0)
     snn_ch = convert(model, calibration=x, threshold_rule="max", threshold_granularity="channel")
-    for (_, a), (_, b), (_, c) in zip(snn_max.neurons(), snn_pct.neurons(), snn_ch.neurons()):
-        assert b.theta.item() <= a.theta.item()
+    acts = _tiny_resnet_relu_outputs(model, x)
+    assert len(acts) == len(snn_max.neurons()) == len(snn_pct.neurons()) == len(snn_ch.neurons()) == 5
+    for act, (_, a), (_, b), (_, c) in zip(acts, snn_max.neurons(), snn_pct.neurons(), snn_ch.neurons()):
+        # "max": the largest activation of the ANN on the calibration data; "channel": per channel
+        torch.testing.assert_close(a.theta, act.max(), rtol=1e-5, atol=0)
         assert c.theta.dim() == 1 and torch.isclose(c.theta.max(), a.theta)
-    # calibration thresholds equal the activation maxima of the folded ANN
-    stem = model.bn(model.conv(x)).relu()
-    assert torch.isclose(snn_max.neurons()[0][1].theta, stem.max(), rtol=1e-5)
+        eps = 1e-5 * act.max().item()  # rounding: BN folded into the conv vs applied after it
+        torch.testing.assert_close(c.theta, act.amax(dim=(0, 2, 3)).clamp(min=LAMBDA_MIN), rtol=1e-5, atol=eps)
+        # "percentile": the 99th percentile by its definition -- at least 99% of the activations are at
+        # or below it and at most 99% below it
+        n, theta = act.numel(), b.theta.item()
+        assert (act <= theta + eps).sum().item() >= 0.99 * n
+        assert (act < theta - eps).sum().item() <= 0.99 * n
+        assert b.theta.item() < a.theta.item()  # (these activations have no ties at the top)
 
 
 def test_per_channel_clip_thresholds_carry_over():
