@@ -6,16 +6,19 @@ import errno
 import json
 import os
 import pickle
+import pickletools
 import random
 import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
 from eclsnn.io import checkpoint as ckpt_mod
@@ -117,12 +120,29 @@ def test_rng_state_capture_restore():
     assert torch.equal(torch.rand(5), a)
 
 
+def _parses_as_pickle(data: bytes) -> bool:
+    """Whether ``data`` begins with a complete pickle (opcodes up to STOP), as read by pickletools --
+    which disassembles without executing anything."""
+    try:
+        ops = list(pickletools.genops(data))
+    except Exception:  # an unknown opcode, a truncated argument, ...
+        return False
+    return bool(ops) and ops[-1][0].name == "STOP"
+
+
 def test_no_pickle_files_written(tmp_path):
     dest, _ = save(tmp_path / "ck")
     for f in dest.iterdir():
         assert f.suffix in (".json", ".safetensors"), f
-        head = f.read_bytes()[:2]
-        assert head[:1] != b"\x80" and head != b"PK"
+        data = f.read_bytes()
+        # not a pickle nor a torch.save archive by content (a first byte of 0x80 alone proves nothing:
+        # a safetensors file starts with the low byte of its header length)
+        assert not _parses_as_pickle(data) and not zipfile.is_zipfile(f), f
+        if f.suffix == ".json":
+            json.loads(data)
+        else:
+            st_load(data)  # a complete safetensors file
+        ckpt_mod._refuse_pickle(f)  # and the loader's content check lets it through
 
 
 def test_resolve_accepts_run_folder_checkpoint_folder_and_weights_file(tmp_path):
@@ -172,7 +192,7 @@ def test_pickle_disguised_as_safetensors_is_refused(tmp_path):
     target = tmp_path / "pwned"
     dest, _ = save(tmp_path / "ck")
     (dest / "model.safetensors").write_bytes(pickle.dumps(_Payload(str(target))))
-    with pytest.raises(CheckpointError, match="pickle"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is a pickle\. eclsnn never unpickles"):
         load_checkpoint(dest)
     (dest / "model.safetensors").unlink()
     (dest / "evil.pkl").write_bytes(pickle.dumps(_Payload(str(target))))
@@ -181,7 +201,7 @@ def test_pickle_disguised_as_safetensors_is_refused(tmp_path):
     assert not target.exists()
 
 
-def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path, saved_checkpoint):
     # the first byte of a safetensors file is the low byte of its header length; 0x80 is also a pickle's
     # protocol marker (a real run's optimizer state hit this: its header was 1,152 = 0x480 bytes)
     path = tmp_path / "state.safetensors"
@@ -189,8 +209,45 @@ def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pic
         save_file({"w": torch.arange(3.0)}, str(path), metadata={"pad": "x" * pad})
         if path.read_bytes()[:1] == b"\x80":
             break
-    assert path.read_bytes()[:1] == b"\x80"
+    assert path.read_bytes()[:1] == b"\x80" and not _parses_as_pickle(path.read_bytes())
     assert torch.equal(ckpt_mod._read_safetensors(path)["w"], torch.arange(3.0))
+    # and a whole checkpoint whose weights file starts with 0x80 loads through the public API
+    dest, model = Path(shutil.copytree(saved_checkpoint[0], tmp_path / "ck")), saved_checkpoint[1]
+    weights = dest / "model.safetensors"
+    sd = st_load(weights.read_bytes())
+    for pad in range(300):
+        save_file(sd, str(weights), metadata={"pad": "x" * pad})
+        if weights.read_bytes()[:1] == b"\x80":
+            break
+    assert weights.read_bytes()[:1] == b"\x80"
+    assert_same_weights(load_checkpoint(dest).state_dict, model.state_dict())
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """One checkpoint for the tests below, which copy it before changing files."""
+    return save(tmp_path_factory.mktemp("saved") / "ck")
+
+
+@pytest.mark.parametrize("kind", ["pickle-2", "pickle-3", "pickle-4", "pickle-5", "torch.save-legacy", "torch.save"])
+def test_pickle_content_is_refused_whatever_the_file_name(tmp_path, kind, saved_checkpoint):
+    """Real pickles (every protocol that starts with the PROTO opcode) and real torch.save files (the
+    legacy pickle format and the zip archive) in place of a checkpoint's model.safetensors: refused by
+    content, as what they are, and never executed."""
+    target = tmp_path / "pwned"
+    dest = Path(shutil.copytree(saved_checkpoint[0], tmp_path / "ck"))
+    path = dest / "model.safetensors"
+    payload = {"w": torch.ones(2), "p": _Payload(str(target))}
+    if kind.startswith("pickle"):
+        path.write_bytes(pickle.dumps(payload, protocol=int(kind[-1])))
+    else:
+        torch.save(payload, path, _use_new_zipfile_serialization=kind == "torch.save")
+    is_zip = kind == "torch.save"
+    assert zipfile.is_zipfile(path) if is_zip else _parses_as_pickle(path.read_bytes())  # (what it claims to be)
+    with pytest.raises(CheckpointError, match="never unpickles") as err:
+        load_checkpoint(dest)
+    assert ("is a zip archive (the torch.save format)" if is_zip else "is a pickle") in str(err.value)
+    assert not target.exists()
 
 
 def test_torch_save_zip_is_refused(tmp_path):
