@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import importlib.util
 import io
 import os
 import pickle
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 import eclsnn.data.cifar as cifar_mod
 import eclsnn.data.fashion_mnist as fmnist_mod
+import eclsnn.data.imagefolder as imagefolder_mod
 from eclsnn.data import (
     DATASETS,
     BatchLoader,
@@ -392,14 +394,6 @@ def test_cifar_download_path_with_local_url(tmp_path, monkeypatch):
 # ImageNet-style folders
 # ==================================================================================================
 
-def _have_decoder() -> bool:
-    try:
-        find_decoder()
-        return True
-    except DataError:
-        return False
-
-
 def write_image_tree(root: Path) -> dict[str, tuple[int, int, int]]:
     """train/ and val/ with two classes; val images are solid colours saved as lossless PNG."""
     from PIL import Image
@@ -430,13 +424,21 @@ def test_imagenet_folder_missing_explains_layout(tmp_path):
         load_dataset("imagenet", train=True, data_dir=tmp_path)
 
 
-def test_imagenet_folder_dataset_and_loader(tmp_path):
-    if not _have_decoder():
-        with pytest.raises(DataError, match=r"pip install eclsnn\[vision\]"):
-            find_decoder()
-        return
+@pytest.mark.parametrize("decoder", [
+    pytest.param("torchvision", marks=pytest.mark.skipif(
+        importlib.util.find_spec("torchvision") is None,
+        reason="torchvision is not installed; the Pillow case runs")),
+    "pillow",  # (Pillow comes with matplotlib, a test dependency; write_image_tree needs it too)
+])
+def test_imagenet_folder_dataset_and_loader(tmp_path, monkeypatch, decoder):
+    if decoder == "pillow":  # where torchvision is installed it would be chosen: hide it
+        for module in ("torchvision", "torchvision.io"):
+            monkeypatch.setitem(sys.modules, module, None)
+    expected_decoder = imagefolder_mod._decode_torchvision if decoder == "torchvision" else imagefolder_mod._decode_pil
+    assert find_decoder() is expected_decoder
     colours = write_image_tree(tmp_path)
     val = load_dataset("imagenet", train=False, data_dir=tmp_path)
+    assert val._decode is expected_decoder
     assert isinstance(val, ImageFolderDataset) and len(val) == 4
     assert val.classes == ["n01", "n02"] and val.info.num_classes == 2
     assert val.labels.tolist() == [0, 0, 1, 1]
