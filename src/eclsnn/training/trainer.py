@@ -31,7 +31,6 @@ share it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -52,9 +51,17 @@ from eclsnn.io.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from eclsnn.core.clip import ThresholdClip
 from eclsnn.config import Config, config_to_dict
 from eclsnn.errors import ConfigError, EclsnnError, TrainingError
+from eclsnn.training.schedule import (
+    apply_hyperparameters,
+    build_optimizer,
+    build_scheduler,
+    in_the_loop,
+    lr_lambda,
+    parameter_groups,
+    schedule_factor,
+)
 
 __all__ = ["TrainingError", "train", "run_folder", "default_run_name", "parameter_groups", "lr_lambda", "schedule_factor"]
 
@@ -71,58 +78,6 @@ def default_run_name(cfg: Config) -> str:
 def run_folder(cfg: Config) -> Path:
     """``train.output / (train.run_name or default_run_name(cfg))``."""
     return Path(cfg.train.output) / (cfg.train.run_name or default_run_name(cfg))
-
-
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
-
-
-def parameter_groups(model: nn.Module, weight_decay: float, threshold_weight_decay: float) -> list[dict[str, Any]]:
-    """SGD parameter groups: conv/linear weights with `weight_decay`; BatchNorm parameters and biases
-    without (decaying a BN scale or a bias only fights the normalisation); the thresholds λ of
-    :class:`ThresholdClip` with `threshold_weight_decay` (their own group, so λ's decay is a separate
-    choice: decaying it pulls the clip range towards 0). Empty groups are left out."""
-    thresholds, no_decay, decay = [], [], []
-    seen: set[int] = set()
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) in seen or not param.requires_grad:
-                continue
-            seen.add(id(param))
-            if isinstance(module, ThresholdClip):
-                thresholds.append(param)
-            elif isinstance(module, _NORM_TYPES) or name == "bias" or param.dim() <= 1:
-                no_decay.append(param)
-            else:
-                decay.append(param)
-    groups = [
-        {"name": "weights", "params": decay, "weight_decay": weight_decay},
-        {"name": "norm_and_bias", "params": no_decay, "weight_decay": 0.0},
-        {"name": "thresholds", "params": thresholds, "weight_decay": threshold_weight_decay},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
-    """LR factor at optimizer step `step` (0-based): linear warmup to 1 over `warmup_steps`, then a
-    cosine decay to 0 at `total_steps` (per step, not per epoch)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def schedule_factor(step: int, steps_per_epoch: int, t) -> float:
-    """LR factor (times ``train.lr``) at optimizer step ``step`` for the settings ``t`` (a
-    TrainConfig): one warmup + cosine schedule over all epochs; or, with ``snn_lr > 0`` and
-    ``snn_epochs``, that schedule over the plain epochs, then a second cosine from ``snn_lr`` to 0
-    over the epochs with the SNN in the loop."""
-    total, warmup = t.epochs * steps_per_epoch, t.warmup_epochs * steps_per_epoch
-    if not (t.snn_epochs and t.snn_lr):
-        return lr_lambda(step, warmup, total)
-    plain = (t.epochs - t.snn_epochs) * steps_per_epoch
-    if step < plain:
-        return lr_lambda(step, warmup, plain)
-    return t.snn_lr / t.lr * lr_lambda(step - plain, 0, total - plain)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,14 +351,9 @@ class _Trainer:
             model.to(memory_format=torch.channels_last)
         self.model = model
 
-        self.optimizer = torch.optim.SGD(
-            parameter_groups(model, t.weight_decay, t.threshold_weight_decay),
-            lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
-        )
+        self.optimizer = build_optimizer(model, t)
         self.steps_per_epoch = len(self.train_loader)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: schedule_factor(step, self.steps_per_epoch, self.cfg.train)
-        )
+        self.scheduler = build_scheduler(self.optimizer, self.steps_per_epoch, t)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.loop = None
         if t.snn_epochs:
@@ -493,26 +443,15 @@ class _Trainer:
         if extra.get("grad_scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(extra["grad_scaler"])
         self.start_epoch = int(ckpt.meta["epoch"]) + 1
-        if self.cfg.train.snn_epochs and (self.best_epoch is None or not self._in_loop(self.best_epoch)):
+        if self.cfg.train.snn_epochs and (self.best_epoch is None or not in_the_loop(self.cfg.train, self.best_epoch)):
             # the best checkpoint is chosen among the epochs with the SNN in the loop, by the SNN's accuracy
             self.best_epoch = self.best_val_acc = None
         if self.resume_changes:
-            self._apply_hyperparameters()
+            apply_hyperparameters(self.optimizer, self.scheduler, self.steps_per_epoch, self.cfg.train)
         rng = ckpt.load_rng_state()
         if rng:
             restore_rng_state(rng)
         _log(self.ddp, f"resuming {self.run} after epoch {ckpt.meta['epoch']}")
-
-    def _apply_hyperparameters(self) -> None:
-        """Put the config's optimizer settings into the param groups (loading the optimizer state
-        brought back the old ones) and rescale the LR schedule to the new base lr and length."""
-        t = self.cfg.train
-        factor = schedule_factor(self.scheduler.last_epoch, self.steps_per_epoch, t)
-        decay = {"weights": t.weight_decay, "norm_and_bias": 0.0, "thresholds": t.threshold_weight_decay}
-        for group in self.optimizer.param_groups:
-            group.update(initial_lr=t.lr, lr=t.lr * factor, momentum=t.momentum, nesterov=t.nesterov,
-                         weight_decay=decay.get(group.get("name"), group["weight_decay"]))
-        self.scheduler.base_lrs = [t.lr] * len(self.optimizer.param_groups)
 
     # ---- loops -----------------------------------------------------------------------------------
 
@@ -520,7 +459,7 @@ class _Trainer:
         from tqdm.auto import tqdm
 
         t = self.cfg.train
-        in_loop = self._in_loop(epoch)
+        in_loop = in_the_loop(self.cfg.train, epoch)
         # With the SNN in the loop BatchNorm keeps its running statistics: the SNN folds those in.
         if in_loop:
             self.net.eval()
@@ -570,10 +509,6 @@ class _Trainer:
                     + self._last_good()
                 )
         return {"train_loss": float(stats[0] / stats[2]), "train_acc": float(stats[1] / stats[2]), "lr": lr}
-
-    def _in_loop(self, epoch: int) -> bool:
-        t = self.cfg.train
-        return epoch > t.epochs - t.snn_epochs
 
     @torch.no_grad()
     def _evaluate_snn(self, loader) -> float | None:
@@ -692,8 +627,8 @@ class _Trainer:
             metrics.update(val_loss=val_loss, val_acc=val_acc)
             score = val_acc
             if t.snn_epochs:  # choose among the in-the-loop epochs, by the SNN's accuracy
-                score = self._evaluate_snn(self.val_loader) if self._in_loop(epoch) else None
-                if self._in_loop(epoch):
+                score = self._evaluate_snn(self.val_loader) if in_the_loop(self.cfg.train, epoch) else None
+                if in_the_loop(self.cfg.train, epoch):
                     metrics.update(val_snn_acc=score, snn_time_steps=t.snn_time_steps)
             metrics["seconds"] = round(time.perf_counter() - started, 3)
             is_best = score is not None and (self.best_val_acc is None or score > self.best_val_acc)
