@@ -286,7 +286,7 @@ def test_init_from_another_architecture_is_refused(reference_run, tmp_path):
 def test_global_batch_must_divide_by_world_size(tmp_path, monkeypatch):
     from eclsnn.training import trainer as train_mod
 
-    monkeypatch.setattr(train_mod, "_init_distributed", lambda cfg: train_mod._Dist(rank=0, world_size=3))
+    monkeypatch.setattr(train_mod, "init_distributed", lambda cfg: train_mod.Dist(rank=0, world_size=3))
     with pytest.raises(ConfigError, match="divisible"):
         train(tiny(tmp_path))
 

@@ -35,12 +35,10 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from eclsnn.io.checkpoint import (
@@ -53,6 +51,7 @@ from eclsnn.io.checkpoint import (
 )
 from eclsnn.config import Config, config_to_dict
 from eclsnn.errors import ConfigError, EclsnnError, TrainingError
+from eclsnn.training.distributed import Dist, init_distributed, select_device
 from eclsnn.training.schedule import (
     apply_hyperparameters,
     build_optimizer,
@@ -81,82 +80,7 @@ def run_folder(cfg: Config) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# distributed set-up
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            if dist.get_backend() == "nccl":
-                dist.barrier(device_ids=[self.local_rank])
-            else:
-                dist.barrier()
-
-    def all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
-        if self.enabled:
-            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-        return tensor
-
-
-def _device_type(pref: str) -> str:
-    if pref == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if pref.startswith("cuda") else "cpu"
-
-
-def _init_distributed(cfg: Config) -> _Dist:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return _Dist()
-    owns = False
-    if not dist.is_initialized():
-        backend = "nccl" if _device_type(cfg.train.device) == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-        owns = True
-    rank = dist.get_rank()
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    return _Dist(rank=rank, world_size=dist.get_world_size(), local_rank=local_rank, owns_group=owns)
-
-
-def _select_device(cfg: Config, ddp: _Dist) -> torch.device:
-    kind = _device_type(cfg.train.device)
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"train.device = {cfg.train.device!r} but CUDA is not available here; use \"cpu\" or \"auto\""
-            )
-        if ddp.enabled:
-            index = ddp.local_rank
-        elif ":" in cfg.train.device:
-            index = int(cfg.train.device.split(":")[1])
-        else:
-            index = torch.cuda.current_device()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
-
-
-# --------------------------------------------------------------------------------------------------
 # the trainer
-
-
-def _log(ddp: _Dist, message: str) -> None:
-    if ddp.is_main:
-        print(message, flush=True)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -211,10 +135,10 @@ _RESUME_MAY_CHANGE = (
 
 
 class _Trainer:
-    def __init__(self, cfg: Config, ddp: _Dist):
+    def __init__(self, cfg: Config, ddp: Dist):
         self.cfg = cfg
         self.ddp = ddp
-        self.device = _select_device(cfg, ddp)
+        self.device = select_device(cfg, ddp)
         self.cuda = self.device.type == "cuda"
         self.run = run_folder(cfg)
 
@@ -324,12 +248,12 @@ class _Trainer:
             )
         source = build_model(ckpt).to(self.device)
         if src.get("activation") == "clip":
-            _log(self.ddp, f"initialising from {ckpt.path} (a threshold-clip network: weights and λ as they are)")
+            self.ddp.log(f"initialising from {ckpt.path} (a threshold-clip network: weights and λ as they are)")
             load_weights(model, {k: v for k, v in ckpt.state_dict.items()}, what=f"checkpoint {ckpt.path}")
             return
         m = self.cfg.model
         batches = self._calibration_batches()
-        _log(self.ddp, f"initialising from the ReLU network {ckpt.path}: λ = {t.init_percentile} percentile of "
+        self.ddp.log(f"initialising from the ReLU network {ckpt.path}: λ = {t.init_percentile} percentile of "
                        f"each ReLU's output on {sum(len(b) for b in batches)} training images")
         prepared = prepare(source, levels=m.levels, calibration=batches, percentile=t.init_percentile,
                            per_channel=m.per_channel, init_threshold=m.init_threshold)
@@ -367,12 +291,7 @@ class _Trainer:
         self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
 
-        if self.ddp.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.net = DistributedDataParallel(model, device_ids=[self.device.index] if self.cuda else None)
-        else:
-            self.net = model
+        self.net = self.ddp.wrap(model, self.device)
 
     def _autocast(self):
         if self.amp:
@@ -399,7 +318,7 @@ class _Trainer:
                 )
             return
         if last is None:
-            _log(self.ddp, f"resume: no checkpoint in {self.run / 'checkpoints'} yet; starting from scratch")
+            self.ddp.log(f"resume: no checkpoint in {self.run / 'checkpoints'} yet; starting from scratch")
             return
         ckpt = load_checkpoint(last)
         saved = ckpt.meta.get("config") or {}
@@ -422,7 +341,7 @@ class _Trainer:
             before = (saved.get(section) or {}).get(key)
             if before != now[section][key]:
                 self.resume_changes.append(key)
-                _log(self.ddp, f"resume: {section}.{key} changes from {before!r} to {now[section][key]!r}; the "
+                self.ddp.log(f"resume: {section}.{key} changes from {before!r} to {now[section][key]!r}; the "
                                "resumed run is no longer identical to an uninterrupted one")
         self.resume_ckpt = ckpt
 
@@ -451,7 +370,7 @@ class _Trainer:
         rng = ckpt.load_rng_state()
         if rng:
             restore_rng_state(rng)
-        _log(self.ddp, f"resuming {self.run} after epoch {ckpt.meta['epoch']}")
+        self.ddp.log(f"resuming {self.run} after epoch {ckpt.meta['epoch']}")
 
     # ---- loops -----------------------------------------------------------------------------------
 
@@ -476,7 +395,7 @@ class _Trainer:
                 out = self.loop(self.net, x) if in_loop else self.net(x)
             loss = self.criterion(out.float(), y)
             finite = torch.isfinite(loss.detach()).to(torch.float32)
-            self.ddp.all_reduce(finite, dist.ReduceOp.MIN if self.ddp.enabled else None)
+            self.ddp.all_min(finite)
             if not bool(finite.item()):
                 raise TrainingError(
                     f"the loss became {loss.item()} at epoch {epoch}, step {step} of {len(self.train_loader)} "
@@ -496,12 +415,10 @@ class _Trainer:
                 bar.set_postfix(loss=f"{float(stats[0] / stats[2]):.4f}", acc=f"{float(stats[1] / stats[2]):.3f}")
         bar.close()
         self.ddp.all_reduce(stats)
-        if self.ddp.enabled:
-            # DDP broadcasts rank 0's buffers at the start of each forward, then every rank updates its
-            # BatchNorm running statistics with its own half batch; make rank 0's the ones every rank
-            # evaluates with (they are the ones saved in the checkpoint).
-            for buffer in self.model.buffers():
-                dist.broadcast(buffer, 0)
+        # DDP broadcasts rank 0's buffers at the start of each forward, then every rank updates its
+        # BatchNorm running statistics with its own half batch; make rank 0's the ones every rank
+        # evaluates with (they are the ones saved in the checkpoint).
+        self.ddp.broadcast_buffers(self.model)
         for name, p in self.model.named_parameters():
             if not torch.isfinite(p).all():
                 raise TrainingError(
@@ -612,7 +529,7 @@ class _Trainer:
                 self._write_metrics()  # drop lines of epochs after the checkpoint (a kill in between)
 
         procs = f"{self.ddp.world_size} processes" if self.ddp.enabled else "1 process"
-        _log(self.ddp, (
+        self.ddp.log((
             f"training {self.model_kwargs['arch']} ({cfg.model.activation}, L={cfg.model.levels}) on "
             f"{self.info.name}: {len(self.train_idx)} training / {len(self.val_idx)} validation images, "
             f"{self.steps_per_epoch} steps of {t.batch_size} per epoch, {procs} on {self.device}"
@@ -636,7 +553,7 @@ class _Trainer:
                 self.best_epoch, self.best_val_acc = epoch, val_acc
             self.history.append(metrics)
             self._save(epoch, metrics, is_best)
-            _log(self.ddp, (
+            self.ddp.log((
                 f"epoch {epoch}/{t.epochs}  train loss {_fmt_loss(metrics['train_loss'])} acc "
                 f"{_fmt_acc(metrics['train_acc'])}  val loss {_fmt_loss(val_loss)} acc {_fmt_acc(val_acc)}"
                 + (f"  SNN(T={t.snn_time_steps}) val acc {_fmt_acc(metrics['val_snn_acc'])}" if "val_snn_acc" in metrics else "")
@@ -658,7 +575,7 @@ class _Trainer:
             final = {"epoch": t.epochs, "split": "test", "checkpoint": "last", "test_loss": test_loss,
                      "test_acc": test_acc, "test_samples": min(limit, len(test_set))}
             summary.update(test_loss=test_loss, test_acc=test_acc)
-            _log(self.ddp, f"test accuracy of the final model (checkpoints/last): {_fmt_acc(test_acc)} "
+            self.ddp.log(f"test accuracy of the final model (checkpoints/last): {_fmt_acc(test_acc)} "
                            f"(reported only; model selection uses the validation split)")
         if self.ddp.is_main:
             self._write_metrics(final)
@@ -685,7 +602,7 @@ def train(cfg: Config) -> Path:
     :class:`~eclsnn.errors.ConfigError` on settings that cannot work (e.g. a global batch not divisible
     by the number of processes, or an existing run without ``resume``).
     """
-    ddp = _init_distributed(cfg)
+    ddp = init_distributed(cfg)
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
@@ -697,5 +614,4 @@ def train(cfg: Config) -> Path:
         return trainer.run_training()
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-        if ddp.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        ddp.close()
