@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from eclsnn.training import run_files
 from eclsnn.training import trainer as train_mod
 from eclsnn.config import load_config
 from eclsnn.data import BatchLoader, load_dataset, split_train_val
@@ -76,14 +77,14 @@ def check_gradients(out: Path, rank: int, world: int) -> None:
 def run_training(out: Path, rank: int) -> None:
     writes: list[str] = []
     if rank != 0:  # record any attempt of rank 1 to write a file
-        for name in ("save_checkpoint", "_write_text_atomic", "_write_json_atomic"):
-            original = getattr(train_mod, name)
+        for name in ("save_checkpoint", "atomic_write_text", "atomic_write_json"):
+            original = getattr(run_files, name)
 
             def spy(*args, _name=name, _original=original, **kwargs):
                 writes.append(_name)
                 return _original(*args, **kwargs)
 
-            setattr(train_mod, name, spy)
+            setattr(run_files, name, spy)
     cfg = load_config(None, {**DDP_RUN, "train.output": str(out / "runs")})
     run = train_mod.train(cfg)
     assert run == out / "runs" / "ddp"

@@ -30,7 +30,6 @@ share it.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -47,11 +46,21 @@ from eclsnn.io.checkpoint import (
     load_checkpoint,
     load_weights,
     restore_rng_state,
-    save_checkpoint,
 )
 from eclsnn.config import Config, config_to_dict
 from eclsnn.errors import ConfigError, EclsnnError, TrainingError
 from eclsnn.training.distributed import Dist, init_distributed, select_device
+from eclsnn.training.run_files import (
+    Progress,
+    checkpoint_meta,
+    default_run_name,
+    run_folder,
+    run_summary,
+    save_epoch,
+    write_config,
+    write_metrics,
+    write_summary,
+)
 from eclsnn.training.schedule import (
     apply_hyperparameters,
     build_optimizer,
@@ -66,34 +75,7 @@ __all__ = ["TrainingError", "train", "run_folder", "default_run_name", "paramete
 
 
 # --------------------------------------------------------------------------------------------------
-# pieces that are useful on their own
-
-
-def default_run_name(cfg: Config) -> str:
-    m = cfg.model
-    return f"{m.arch}-{cfg.data.dataset}-{m.activation}-L{m.levels or 0}-s{cfg.train.seed}"
-
-
-def run_folder(cfg: Config) -> Path:
-    """``train.output / (train.run_name or default_run_name(cfg))``."""
-    return Path(cfg.train.output) / (cfg.train.run_name or default_run_name(cfg))
-
-
-# --------------------------------------------------------------------------------------------------
 # the trainer
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    _write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _seed_everything(seed: int) -> None:
@@ -356,15 +338,16 @@ class _Trainer:
         self.optimizer.load_state_dict(opt_state)
         self.scheduler.load_state_dict(sched_state)
         extra = ckpt.load_extra_state() or {}
-        self.history = list(extra.get("history") or [])
-        self.best_epoch = extra.get("best_epoch")
-        self.best_val_acc = extra.get("best_val_acc")
+        p = self.progress
+        p.history = list(extra.get("history") or [])
+        p.best_epoch = extra.get("best_epoch")
+        p.best_val_acc = extra.get("best_val_acc")
         if extra.get("grad_scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(extra["grad_scaler"])
-        self.start_epoch = int(ckpt.meta["epoch"]) + 1
-        if self.cfg.train.snn_epochs and (self.best_epoch is None or not in_the_loop(self.cfg.train, self.best_epoch)):
+        p.start_epoch = int(ckpt.meta["epoch"]) + 1
+        if self.cfg.train.snn_epochs and (p.best_epoch is None or not in_the_loop(self.cfg.train, p.best_epoch)):
             # the best checkpoint is chosen among the epochs with the SNN in the loop, by the SNN's accuracy
-            self.best_epoch = self.best_val_acc = None
+            p.best_epoch = p.best_val_acc = None
         if self.resume_changes:
             apply_hyperparameters(self.optimizer, self.scheduler, self.steps_per_epoch, self.cfg.train)
         rng = ckpt.load_rng_state()
@@ -400,7 +383,7 @@ class _Trainer:
                 raise TrainingError(
                     f"the loss became {loss.item()} at epoch {epoch}, step {step} of {len(self.train_loader)} "
                     f"(learning rate {self.optimizer.param_groups[0]['lr']:.4g}); lower train.lr or add "
-                    f"train.warmup_epochs and resume (train.resume = true, --resume). {self._last_good()}"
+                    f"train.warmup_epochs and resume (train.resume = true, --resume). {self.progress.last_good(self.run)}"
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -423,7 +406,7 @@ class _Trainer:
             if not torch.isfinite(p).all():
                 raise TrainingError(
                     f"parameter {name} became non-finite during epoch {epoch}; lower train.lr and resume. "
-                    + self._last_good()
+                    + self.progress.last_good(self.run)
                 )
         return {"train_loss": float(stats[0] / stats[2]), "train_acc": float(stats[1] / stats[2]), "lr": lr}
 
@@ -440,12 +423,6 @@ class _Trainer:
                                       torch.tensor(float(y.shape[0]), dtype=torch.float64, device=self.device)])
         self.ddp.all_reduce(stats)
         return None if stats[1] == 0 else float(stats[0] / stats[1])
-
-    def _last_good(self) -> str:
-        last = self.run / "checkpoints" / "last"
-        if self.history:
-            return f"The last good checkpoint is {last} (epoch {self.history[-1]['epoch']}), left intact."
-        return "No checkpoint was written yet."
 
     @torch.no_grad()
     def _evaluate(self, loader) -> tuple[float | None, float | None]:
@@ -464,69 +441,32 @@ class _Trainer:
             return None, None
         return float(stats[0] / stats[2]), float(stats[1] / stats[2])
 
-    # ---- files -----------------------------------------------------------------------------------
-
-    def _meta(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        info = self.info
-        return {
-            "model": self.model_kwargs,
-            "dataset": {"name": info.name, "num_classes": info.num_classes, "channels": info.channels,
-                        "image_size": info.image_size, "mean": list(info.mean), "std": list(info.std)},
-            "epoch": epoch,
-            "seed": self.cfg.train.seed,
-            "world_size": self.ddp.world_size,
-            "run": str(self.run),
-            "config": config_to_dict(self.cfg),
-            "metrics": metrics,
-            "best": {"epoch": self.best_epoch, "val_acc": self.best_val_acc},
-        }
-
-    def _extra(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {"history": self.history, "best_epoch": self.best_epoch,
-                                 "best_val_acc": self.best_val_acc}
-        if self.scaler.is_enabled():
-            extra["grad_scaler"] = self.scaler.state_dict()
-        return extra
+    # ---- files ----------------------------------------------------------------------------------
 
     def _save(self, epoch: int, metrics: dict[str, Any], is_best: bool) -> None:
         self.ddp.barrier()
         if self.ddp.is_main:
-            ckpts = self.run / "checkpoints"
-            meta = self._meta(epoch, metrics)
-            # best before last: if the process dies in between, the resumed run redoes this epoch and
-            # rewrites best identically; the other order could leave best behind last's record of it.
-            if is_best:
-                save_checkpoint(ckpts / "best", self.model, meta, self.optimizer, self.scheduler, self._extra())
-            save_checkpoint(ckpts / "last", self.model, meta, self.optimizer, self.scheduler, self._extra())
-            self._write_metrics()
+            meta = checkpoint_meta(self.cfg, self.run, self.model_kwargs, self.info, self.ddp.world_size, epoch,
+                                   metrics, self.progress)
+            save_epoch(self.run, self.model, self.optimizer, self.scheduler, self.scaler, meta, self.progress, is_best)
         self.ddp.barrier()
-
-    def _write_metrics(self, final: dict[str, Any] | None = None) -> None:
-        lines = [json.dumps(m) for m in self.history]
-        if final is not None:
-            lines.append(json.dumps(final))
-        _write_text_atomic(self.run / "metrics.jsonl", "".join(line + "\n" for line in lines))
 
     # ---- main ------------------------------------------------------------------------------------
 
     def run_training(self) -> Path:
         cfg, t = self.cfg, self.cfg.train
         _seed_everything(t.seed)
-        self.history: list[dict[str, Any]] = []
-        self.best_epoch: int | None = None
-        self.best_val_acc: float | None = None
-        self.start_epoch = 1
+        self.progress = Progress()
 
         self._find_resume()
         self._setup_data()
         self._setup_model()
         if self.ddp.is_main:
-            self.run.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(self.run / "config.json", config_to_dict(cfg))
+            write_config(self.run, cfg)
         if self.resume_ckpt is not None:
             self._restore()
             if self.ddp.is_main:
-                self._write_metrics()  # drop lines of epochs after the checkpoint (a kill in between)
+                write_metrics(self.run, self.progress.history)  # drop lines of epochs after the checkpoint (a kill in between)
 
         procs = f"{self.ddp.world_size} processes" if self.ddp.enabled else "1 process"
         self.ddp.log((
@@ -536,7 +476,8 @@ class _Trainer:
             f"{', AMP ' + str(self.amp_dtype).replace('torch.', '') if self.amp else ''}; run folder {self.run}"
         ))
 
-        for epoch in range(self.start_epoch, t.epochs + 1):
+        progress = self.progress
+        for epoch in range(progress.start_epoch, t.epochs + 1):
             started = time.perf_counter()
             metrics: dict[str, Any] = {"epoch": epoch}
             metrics.update(self._train_epoch(epoch))
@@ -548,10 +489,10 @@ class _Trainer:
                 if in_the_loop(self.cfg.train, epoch):
                     metrics.update(val_snn_acc=score, snn_time_steps=t.snn_time_steps)
             metrics["seconds"] = round(time.perf_counter() - started, 3)
-            is_best = score is not None and (self.best_val_acc is None or score > self.best_val_acc)
+            is_best = score is not None and (progress.best_val_acc is None or score > progress.best_val_acc)
             if is_best:
-                self.best_epoch, self.best_val_acc = epoch, val_acc
-            self.history.append(metrics)
+                progress.best_epoch, progress.best_val_acc = epoch, val_acc
+            progress.history.append(metrics)
             self._save(epoch, metrics, is_best)
             self.ddp.log((
                 f"epoch {epoch}/{t.epochs}  train loss {_fmt_loss(metrics['train_loss'])} acc "
@@ -560,13 +501,7 @@ class _Trainer:
                 + f"{' (best)' if is_best else ''}  lr {metrics['lr']:.4g}  {metrics['seconds']:.1f}s"
             ))
 
-        summary: dict[str, Any] = {
-            "run": str(self.run), "epochs": t.epochs, "best_epoch": self.best_epoch, "best_val_acc": self.best_val_acc,
-            "best_by": f"val_snn_acc (T={t.snn_time_steps})" if t.snn_epochs else "val_acc",
-            "final": self.history[-1] if self.history else None,
-            "checkpoint_last": str(self.run / "checkpoints" / "last"),
-            "checkpoint_best": str(self.run / "checkpoints" / "best") if self.best_epoch else None,
-        }
+        summary = run_summary(self.run, t, progress)
         final = None
         if t.eval_test:
             test_set = self._load(train=False)
@@ -578,8 +513,8 @@ class _Trainer:
             self.ddp.log(f"test accuracy of the final model (checkpoints/last): {_fmt_acc(test_acc)} "
                            f"(reported only; model selection uses the validation split)")
         if self.ddp.is_main:
-            self._write_metrics(final)
-            _write_json_atomic(self.run / "summary.json", summary)
+            write_metrics(self.run, progress.history, final)
+            write_summary(self.run, summary)
         self.ddp.barrier()
         return self.run
 
