@@ -40,16 +40,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from eclsnn.io.checkpoint import (
-    build_model,
-    find_checkpoint,
-    load_checkpoint,
-    load_weights,
-    restore_rng_state,
-)
-from eclsnn.config import Config, config_to_dict
+from eclsnn.io.checkpoint import build_model, load_checkpoint, load_weights
+from eclsnn.config import Config
 from eclsnn.errors import ConfigError, EclsnnError, TrainingError
 from eclsnn.training.distributed import Dist, init_distributed, select_device
+from eclsnn.training.resume import find_resume, restore
 from eclsnn.training.run_files import (
     Progress,
     checkpoint_meta,
@@ -62,7 +57,6 @@ from eclsnn.training.run_files import (
     write_summary,
 )
 from eclsnn.training.schedule import (
-    apply_hyperparameters,
     build_optimizer,
     build_scheduler,
     in_the_loop,
@@ -99,21 +93,6 @@ def _fmt_acc(value: float | None) -> str:
 
 def _fmt_loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-# Settings that make a resumed run a different experiment if they change.
-_RESUME_MUST_MATCH = (
-    ("data", "dataset"), ("data", "val_fraction"), ("data", "augment"), ("train", "seed"),
-    ("train", "batch_size"), ("train", "max_train_samples"), ("train", "init_from"),
-)
-# Settings a resumed run may change (e.g. a lower lr after a NaN); the run is then no longer identical
-# to an uninterrupted one, and a note says so. The optimizer ones are re-applied after loading its state.
-_RESUME_MAY_CHANGE = (
-    ("train", "epochs"), ("train", "lr"), ("train", "momentum"), ("train", "nesterov"), ("train", "weight_decay"),
-    ("train", "threshold_weight_decay"), ("train", "label_smoothing"), ("train", "warmup_epochs"),
-    ("train", "snn_epochs"), ("train", "snn_time_steps"), ("train", "snn_lr"), ("convert", "neuron"), ("convert", "v_init"),
-    ("convert", "theta_neg"), ("train", "amp"), ("train", "channels_last"), ("train", "device"),
-)
 
 
 class _Trainer:
@@ -287,72 +266,10 @@ class _Trainer:
 
     # ---- resume ----------------------------------------------------------------------------------
 
-    def _find_resume(self) -> None:
-        t = self.cfg.train
-        self.resume_ckpt = None
-        self.resume_changes: list[str] = []
-        last = find_checkpoint(self.run / "checkpoints" / "last")
-        if not t.resume:
-            if last is not None:
-                raise ConfigError(
-                    f"run folder {self.run} already holds a checkpoint; set train.resume = true (--resume) to "
-                    "continue it, or choose another train.run_name / train.output for a new run"
-                )
-            return
-        if last is None:
-            self.ddp.log(f"resume: no checkpoint in {self.run / 'checkpoints'} yet; starting from scratch")
-            return
-        ckpt = load_checkpoint(last)
-        saved = ckpt.meta.get("config") or {}
-        now = config_to_dict(self.cfg)
-        for section, key in _RESUME_MUST_MATCH:
-            before = (saved.get(section) or {}).get(key)
-            if before != now[section][key]:
-                raise ConfigError(
-                    f"resume: {section}.{key} was {before!r} in the checkpoint {ckpt.path} but is "
-                    f"{now[section][key]!r} now; resume with the run's own settings ({self.run / 'config.json'}) "
-                    "or start a new run"
-                )
-        if saved.get("model") != now["model"]:
-            raise ConfigError(
-                f"resume: the [model] settings differ from those of checkpoint {ckpt.path} "
-                f"({saved.get('model')} vs {now['model']}); resume with the run's own settings or start a new run"
-            )
-        self.resume_changes = []
-        for section, key in _RESUME_MAY_CHANGE:
-            before = (saved.get(section) or {}).get(key)
-            if before != now[section][key]:
-                self.resume_changes.append(key)
-                self.ddp.log(f"resume: {section}.{key} changes from {before!r} to {now[section][key]!r}; the "
-                               "resumed run is no longer identical to an uninterrupted one")
-        self.resume_ckpt = ckpt
-
     def _restore(self) -> None:
         ckpt = self.resume_ckpt
-        load_weights(self.model, ckpt.state_dict, what=f"checkpoint {ckpt.path}")
-        opt_state = ckpt.load_optimizer_state()
-        sched_state = ckpt.load_scheduler_state()
-        if opt_state is None or sched_state is None:
-            raise ConfigError(f"checkpoint {ckpt.path} has no optimizer/scheduler state, so the run cannot be resumed")
-        opt_state = _to_device(opt_state, self.device)
-        self.optimizer.load_state_dict(opt_state)
-        self.scheduler.load_state_dict(sched_state)
-        extra = ckpt.load_extra_state() or {}
-        p = self.progress
-        p.history = list(extra.get("history") or [])
-        p.best_epoch = extra.get("best_epoch")
-        p.best_val_acc = extra.get("best_val_acc")
-        if extra.get("grad_scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(extra["grad_scaler"])
-        p.start_epoch = int(ckpt.meta["epoch"]) + 1
-        if self.cfg.train.snn_epochs and (p.best_epoch is None or not in_the_loop(self.cfg.train, p.best_epoch)):
-            # the best checkpoint is chosen among the epochs with the SNN in the loop, by the SNN's accuracy
-            p.best_epoch = p.best_val_acc = None
-        if self.resume_changes:
-            apply_hyperparameters(self.optimizer, self.scheduler, self.steps_per_epoch, self.cfg.train)
-        rng = ckpt.load_rng_state()
-        if rng:
-            restore_rng_state(rng)
+        self.progress = restore(ckpt, self.resume_changes, self.cfg.train, self.model, self.optimizer, self.scheduler,
+                                self.scaler, self.steps_per_epoch, self.device)
         self.ddp.log(f"resuming {self.run} after epoch {ckpt.meta['epoch']}")
 
     # ---- loops -----------------------------------------------------------------------------------
@@ -458,7 +375,7 @@ class _Trainer:
         _seed_everything(t.seed)
         self.progress = Progress()
 
-        self._find_resume()
+        self.resume_ckpt, self.resume_changes = find_resume(cfg, self.run, self.ddp)
         self._setup_data()
         self._setup_model()
         if self.ddp.is_main:
@@ -517,16 +434,6 @@ class _Trainer:
             write_summary(self.run, summary)
         self.ddp.barrier()
         return self.run
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_device(v, device) for v in obj]
-    return obj
 
 
 def train(cfg: Config) -> Path:
