@@ -30,8 +30,6 @@ share it.
 
 from __future__ import annotations
 
-import os
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,7 +38,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from eclsnn.io.checkpoint import build_model, load_checkpoint, load_weights
 from eclsnn.config import Config
 from eclsnn.errors import ConfigError, EclsnnError, TrainingError
 from eclsnn.training.distributed import Dist, init_distributed, select_device
@@ -56,6 +53,7 @@ from eclsnn.training.run_files import (
     write_metrics,
     write_summary,
 )
+from eclsnn.training.setup import eval_loader, load_data, make_model, model_kwargs, seed_everything, setup_data
 from eclsnn.training.schedule import (
     build_optimizer,
     build_scheduler,
@@ -70,21 +68,6 @@ __all__ = ["TrainingError", "train", "run_folder", "default_run_name", "paramete
 
 # --------------------------------------------------------------------------------------------------
 # the trainer
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def _uninitialised(model: nn.Module) -> bool:
-    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
 
 
 def _fmt_acc(value: float | None) -> str:
@@ -103,141 +86,19 @@ class _Trainer:
         self.cuda = self.device.type == "cuda"
         self.run = run_folder(cfg)
 
-    # ---- data ------------------------------------------------------------------------------------
+    # ---- set-up ----------------------------------------------------------------------------------
 
-    def _load(self, train: bool):
-        from eclsnn.data import load_dataset
-
-        d = self.cfg.data
-        if d.download and self.ddp.enabled and not self.ddp.is_main:
-            self.ddp.barrier()  # let rank 0 download first
-            return load_dataset(d.dataset, train=train, data_dir=d.data_dir, download=False)
-        data = load_dataset(d.dataset, train=train, data_dir=d.data_dir, download=d.download)
-        if d.download and self.ddp.enabled:
-            self.ddp.barrier()
-        return data
-
-    def _setup_data(self) -> None:
-        from eclsnn.data import BatchLoader, split_train_val
-
+    def _setup(self) -> None:
+        """Data, model, optimizer and schedule, loss, the SNN in the loop, AMP and DDP (in this order:
+        the model's initial weights draw from the global RNG)."""
         cfg, t = self.cfg, self.cfg.train
-        if t.batch_size % self.ddp.world_size:
-            raise ConfigError(
-                f"train.batch_size = {t.batch_size} is the global batch and must be divisible by the "
-                f"number of processes ({self.ddp.world_size}); choose a multiple of {self.ddp.world_size}"
-            )
-        self.train_set = self._load(train=True)
-        self.info = self.train_set.info
-        train_idx, val_idx = split_train_val(len(self.train_set), cfg.data.val_fraction, t.seed)
-        if t.max_train_samples is not None and t.max_train_samples < len(train_idx):
-            generator = torch.Generator().manual_seed(t.seed)
-            keep = torch.randperm(len(train_idx), generator=generator)[: t.max_train_samples]
-            train_idx = train_idx[keep.sort().values]
-        self.train_idx, self.val_idx = train_idx, val_idx
-        self.per_rank_batch = t.batch_size // self.ddp.world_size
-        if len(train_idx) < t.batch_size:
-            raise ConfigError(
-                f"the training part has {len(train_idx)} samples, fewer than one batch of train.batch_size = "
-                f"{t.batch_size}; lower the batch size or raise train.max_train_samples"
-            )
-        self.train_loader = BatchLoader(
-            self.train_set, train_idx, batch_size=self.per_rank_batch, shuffle=True, augment=cfg.data.augment,
-            seed=t.seed, drop_last=True, device=self.device, rank=self.ddp.rank, world_size=self.ddp.world_size,
-        )
-        self.val_loader = self._eval_loader(self.train_set, val_idx) if len(val_idx) else None
-
-    def _eval_loader(self, dataset, indices: torch.Tensor):
-        """This rank's share of an evaluation set: ``indices[rank::world_size]``, without the
-        wrap-around padding of the training sharding, so the summed metrics count every sample once."""
-        from eclsnn.data import BatchLoader
-
-        mine = indices[self.ddp.rank :: self.ddp.world_size]
-        if len(mine) == 0:
-            return None
-        return BatchLoader(dataset, mine, batch_size=self.cfg.evaluate.batch_size, shuffle=False,
-                           augment=False, device=self.device)
-
-    # ---- model -----------------------------------------------------------------------------------
-
-    def _model_kwargs(self) -> dict[str, Any]:
-        from eclsnn.models import MODEL_DEFAULTS
-
-        m = self.cfg.model
-        stem = m.stem
-        if stem is None:  # pick the stem made for the data set's image size (e.g. ImageNet's 224 px)
-            stems = (MODEL_DEFAULTS.get(m.arch) or {}).get("stems") or {}
-            matching = [s for s, side in stems.items() if side == self.info.image_size]
-            default = (MODEL_DEFAULTS.get(m.arch) or {}).get("stem")
-            stem = default if default in matching or not matching else matching[0]
-        return {
-            "arch": m.arch, "num_classes": self.info.num_classes, "activation": m.activation, "levels": m.levels,
-            "init_threshold": m.init_threshold, "per_channel": m.per_channel, "in_channels": self.info.channels,
-            "pool": m.pool, "stem": stem, "dropout": m.dropout,
-        }
-
-    def _create(self, kwargs: dict[str, Any]) -> nn.Module:
-        from eclsnn.models import create
-
-        kwargs = dict(kwargs)
-        return create(kwargs.pop("arch"), **kwargs)
-
-    def _calibration_batches(self) -> list[torch.Tensor]:
-        from eclsnn.data import BatchLoader
-
-        t = self.cfg.train
-        # The same batches on every rank (world_size=1 here), so every rank computes the same λ.
-        loader = BatchLoader(self.train_set, self.train_idx, batch_size=min(t.batch_size, len(self.train_idx)),
-                             shuffle=True, augment=False, seed=t.seed, device=self.device)
-        loader.set_epoch(0)
-        batches = []
-        for x, _ in loader:
-            batches.append(x)
-            if len(batches) >= t.init_calibration_batches:
-                break
-        return batches
-
-    def _init_from(self, model: nn.Module) -> None:
-        from eclsnn.conversion.converter import prepare
-
-        t = self.cfg.train
-        ckpt = load_checkpoint(t.init_from)
-        src = dict(ckpt.meta.get("model") or {})
-        if src.get("arch") != self.model_kwargs["arch"]:
-            raise ConfigError(
-                f"train.init_from = {t.init_from} holds a {src.get('arch')!r} network but model.arch is "
-                f"{self.model_kwargs['arch']!r}; set model.arch = {src.get('arch')!r}"
-            )
-        source = build_model(ckpt).to(self.device)
-        if src.get("activation") == "clip":
-            self.ddp.log(f"initialising from {ckpt.path} (a threshold-clip network: weights and λ as they are)")
-            load_weights(model, {k: v for k, v in ckpt.state_dict.items()}, what=f"checkpoint {ckpt.path}")
-            return
-        m = self.cfg.model
-        batches = self._calibration_batches()
-        self.ddp.log(f"initialising from the ReLU network {ckpt.path}: λ = {t.init_percentile} percentile of "
-                       f"each ReLU's output on {sum(len(b) for b in batches)} training images")
-        prepared = prepare(source, levels=m.levels, calibration=batches, percentile=t.init_percentile,
-                           per_channel=m.per_channel, init_threshold=m.init_threshold)
-        load_weights(model, {k: v.detach().cpu() for k, v in prepared.state_dict().items()},
-                     what=f"the prepared network from {ckpt.path}")
-
-    def _setup_model(self) -> None:
-        t = self.cfg.train
-        self.model_kwargs = self._model_kwargs()
-        model = self._create(self.model_kwargs)
-        if _uninitialised(model):  # lazily shaped per-channel λ: one dry forward pass fixes the shapes
-            size = self.info.image_size
-            with torch.no_grad():
-                model.eval()(torch.zeros(2, self.info.channels, size, size))
-        if t.init_from and not self.resume_ckpt:
-            self._init_from(model)
-        model.to(self.device)
-        if t.channels_last:
-            model.to(memory_format=torch.channels_last)
-        self.model = model
+        self.data = setup_data(cfg, self.ddp, self.device)
+        self.model_kwargs = model_kwargs(cfg, self.data.info)
+        self.model = model = make_model(cfg, self.ddp, self.device, self.data, self.model_kwargs,
+                                        resuming=self.resume_ckpt is not None)
 
         self.optimizer = build_optimizer(model, t)
-        self.steps_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = len(self.data.train_loader)
         self.scheduler = build_scheduler(self.optimizer, self.steps_per_epoch, t)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.loop = None
@@ -284,10 +145,10 @@ class _Trainer:
             self.net.eval()
         else:
             self.net.train()
-        self.train_loader.set_epoch(epoch)
+        self.data.train_loader.set_epoch(epoch)
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         lr = self.optimizer.param_groups[0]["lr"]
-        bar = tqdm(self.train_loader, total=len(self.train_loader), desc=f"epoch {epoch}/{t.epochs}",
+        bar = tqdm(self.data.train_loader, total=len(self.data.train_loader), desc=f"epoch {epoch}/{t.epochs}",
                    leave=False, dynamic_ncols=True, disable=not (t.progress and self.ddp.is_main))
         for step, (x, y) in enumerate(bar, 1):
             x = self._prepare_input(x)
@@ -298,7 +159,7 @@ class _Trainer:
             self.ddp.all_min(finite)
             if not bool(finite.item()):
                 raise TrainingError(
-                    f"the loss became {loss.item()} at epoch {epoch}, step {step} of {len(self.train_loader)} "
+                    f"the loss became {loss.item()} at epoch {epoch}, step {step} of {len(self.data.train_loader)} "
                     f"(learning rate {self.optimizer.param_groups[0]['lr']:.4g}); lower train.lr or add "
                     f"train.warmup_epochs and resume (train.resume = true, --resume). {self.progress.last_good(self.run)}"
                 )
@@ -311,7 +172,7 @@ class _Trainer:
                 n = y.shape[0]
                 stats += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double(),
                                       torch.tensor(float(n), dtype=torch.float64, device=self.device)])
-            if bar.disable is False and (step % 20 == 0 or step == len(self.train_loader)):
+            if bar.disable is False and (step % 20 == 0 or step == len(self.data.train_loader)):
                 bar.set_postfix(loss=f"{float(stats[0] / stats[2]):.4f}", acc=f"{float(stats[1] / stats[2]):.3f}")
         bar.close()
         self.ddp.all_reduce(stats)
@@ -363,7 +224,7 @@ class _Trainer:
     def _save(self, epoch: int, metrics: dict[str, Any], is_best: bool) -> None:
         self.ddp.barrier()
         if self.ddp.is_main:
-            meta = checkpoint_meta(self.cfg, self.run, self.model_kwargs, self.info, self.ddp.world_size, epoch,
+            meta = checkpoint_meta(self.cfg, self.run, self.model_kwargs, self.data.info, self.ddp.world_size, epoch,
                                    metrics, self.progress)
             save_epoch(self.run, self.model, self.optimizer, self.scheduler, self.scaler, meta, self.progress, is_best)
         self.ddp.barrier()
@@ -372,12 +233,11 @@ class _Trainer:
 
     def run_training(self) -> Path:
         cfg, t = self.cfg, self.cfg.train
-        _seed_everything(t.seed)
+        seed_everything(t.seed)
         self.progress = Progress()
 
         self.resume_ckpt, self.resume_changes = find_resume(cfg, self.run, self.ddp)
-        self._setup_data()
-        self._setup_model()
+        self._setup()
         if self.ddp.is_main:
             write_config(self.run, cfg)
         if self.resume_ckpt is not None:
@@ -388,7 +248,7 @@ class _Trainer:
         procs = f"{self.ddp.world_size} processes" if self.ddp.enabled else "1 process"
         self.ddp.log((
             f"training {self.model_kwargs['arch']} ({cfg.model.activation}, L={cfg.model.levels}) on "
-            f"{self.info.name}: {len(self.train_idx)} training / {len(self.val_idx)} validation images, "
+            f"{self.data.info.name}: {len(self.data.train_idx)} training / {len(self.data.val_idx)} validation images, "
             f"{self.steps_per_epoch} steps of {t.batch_size} per epoch, {procs} on {self.device}"
             f"{', AMP ' + str(self.amp_dtype).replace('torch.', '') if self.amp else ''}; run folder {self.run}"
         ))
@@ -398,11 +258,11 @@ class _Trainer:
             started = time.perf_counter()
             metrics: dict[str, Any] = {"epoch": epoch}
             metrics.update(self._train_epoch(epoch))
-            val_loss, val_acc = self._evaluate(self.val_loader)
+            val_loss, val_acc = self._evaluate(self.data.val_loader)
             metrics.update(val_loss=val_loss, val_acc=val_acc)
             score = val_acc
             if t.snn_epochs:  # choose among the in-the-loop epochs, by the SNN's accuracy
-                score = self._evaluate_snn(self.val_loader) if in_the_loop(self.cfg.train, epoch) else None
+                score = self._evaluate_snn(self.data.val_loader) if in_the_loop(self.cfg.train, epoch) else None
                 if in_the_loop(self.cfg.train, epoch):
                     metrics.update(val_snn_acc=score, snn_time_steps=t.snn_time_steps)
             metrics["seconds"] = round(time.perf_counter() - started, 3)
@@ -421,9 +281,10 @@ class _Trainer:
         summary = run_summary(self.run, t, progress)
         final = None
         if t.eval_test:
-            test_set = self._load(train=False)
+            test_set = load_data(cfg, self.ddp, train=False)
             limit = cfg.evaluate.max_samples or len(test_set)  # the first N, as in `eclsnn evaluate`
-            test_loss, test_acc = self._evaluate(self._eval_loader(test_set, torch.arange(min(limit, len(test_set)))))
+            test_loss, test_acc = self._evaluate(
+                eval_loader(test_set, torch.arange(min(limit, len(test_set))), cfg, self.ddp, self.device))
             final = {"epoch": t.epochs, "split": "test", "checkpoint": "last", "test_loss": test_loss,
                      "test_acc": test_acc, "test_samples": min(limit, len(test_set))}
             summary.update(test_loss=test_loss, test_acc=test_acc)
