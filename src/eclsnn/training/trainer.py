@@ -26,12 +26,18 @@ BatchNorm normalises with each rank's own batch statistics (SyncBatchNorm is CUD
 in torchvision's reference scripts without ``--sync-bn``; rank 0's running statistics are the ones
 evaluated and saved. Checkpoints record the global RNG state of rank 0 only, which is why all ranks
 share it.
+
+The pieces live beside this module: :mod:`~eclsnn.training.setup` (seeds, data split, loaders, model,
+``init_from``), :mod:`~eclsnn.training.schedule` (optimizer and learning-rate schedule),
+:mod:`~eclsnn.training.resume` (the resume policy and restoring a checkpoint),
+:mod:`~eclsnn.training.distributed` (torchrun, devices, collectives), :mod:`~eclsnn.training.precision`
+(AMP, channels_last), :mod:`~eclsnn.training.evaluation` (ANN and SNN scoring) and
+:mod:`~eclsnn.training.run_files` (the files above). This module runs the epochs.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +45,10 @@ import torch
 from torch import nn
 
 from eclsnn.config import Config
-from eclsnn.errors import ConfigError, EclsnnError, TrainingError
+from eclsnn.errors import ConfigError, EclsnnError, TrainingError  # noqa: F401  (importable from here, as before)
 from eclsnn.training.distributed import Dist, init_distributed, select_device
+from eclsnn.training.evaluation import evaluate, evaluate_snn
+from eclsnn.training.precision import Precision
 from eclsnn.training.resume import find_resume, restore
 from eclsnn.training.run_files import (
     Progress,
@@ -53,7 +61,6 @@ from eclsnn.training.run_files import (
     write_metrics,
     write_summary,
 )
-from eclsnn.training.setup import eval_loader, load_data, make_model, model_kwargs, seed_everything, setup_data
 from eclsnn.training.schedule import (
     build_optimizer,
     build_scheduler,
@@ -62,12 +69,9 @@ from eclsnn.training.schedule import (
     parameter_groups,
     schedule_factor,
 )
+from eclsnn.training.setup import eval_loader, load_data, make_model, model_kwargs, seed_everything, setup_data
 
 __all__ = ["TrainingError", "train", "run_folder", "default_run_name", "parameter_groups", "lr_lambda", "schedule_factor"]
-
-
-# --------------------------------------------------------------------------------------------------
-# the trainer
 
 
 def _fmt_acc(value: float | None) -> str:
@@ -78,15 +82,27 @@ def _fmt_loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _epoch_line(epoch: int, t, metrics: dict[str, Any], is_best: bool) -> str:
+    snn = f"  SNN(T={t.snn_time_steps}) val acc {_fmt_acc(metrics['val_snn_acc'])}" if "val_snn_acc" in metrics else ""
+    return (
+        f"epoch {epoch}/{t.epochs}  train loss {_fmt_loss(metrics['train_loss'])} acc "
+        f"{_fmt_acc(metrics['train_acc'])}  val loss {_fmt_loss(metrics['val_loss'])} acc {_fmt_acc(metrics['val_acc'])}"
+        + snn + f"{' (best)' if is_best else ''}  lr {metrics['lr']:.4g}  {metrics['seconds']:.1f}s"
+    )
+
+
 class _Trainer:
+    """One run of :func:`train`: set-up, the epochs, the files of rank 0. The pieces it calls live in
+    the modules named in this module's docstring; what is left is the loop itself (set-up order,
+    training step, NaN checks, SNN-in-the-loop epochs, best-epoch choice), one state shared by all of
+    it, which is why it is a class."""
+
     def __init__(self, cfg: Config, ddp: Dist):
         self.cfg = cfg
         self.ddp = ddp
         self.device = select_device(cfg, ddp)
         self.cuda = self.device.type == "cuda"
         self.run = run_folder(cfg)
-
-    # ---- set-up ----------------------------------------------------------------------------------
 
     def _setup(self) -> None:
         """Data, model, optimizer and schedule, loss, the SNN in the loop, AMP and DDP (in this order:
@@ -96,7 +112,6 @@ class _Trainer:
         self.model_kwargs = model_kwargs(cfg, self.data.info)
         self.model = model = make_model(cfg, self.ddp, self.device, self.data, self.model_kwargs,
                                         resuming=self.resume_ckpt is not None)
-
         self.optimizer = build_optimizer(model, t)
         self.steps_per_epoch = len(self.data.train_loader)
         self.scheduler = build_scheduler(self.optimizer, self.steps_per_epoch, t)
@@ -105,27 +120,12 @@ class _Trainer:
         if t.snn_epochs:
             from eclsnn.training.spiking_loop import SpikingLoop
 
-            c = self.cfg.convert
+            c = cfg.convert
             self.loop = SpikingLoop(model, t.snn_time_steps, neuron=c.neuron, v_init=c.v_init,
                                     theta_neg=c.theta_neg, maxpool=c.maxpool)
-
-        self.amp = bool(t.amp and self.cuda)
-        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
-
+        self.precision = Precision.from_config(t, self.cuda)
+        self.scaler = self.precision.scaler
         self.net = self.ddp.wrap(model, self.device)
-
-    def _autocast(self):
-        if self.amp:
-            return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
-        return nullcontext()
-
-    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.train.channels_last and x.dim() == 4:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
-
-    # ---- resume ----------------------------------------------------------------------------------
 
     def _restore(self) -> None:
         ckpt = self.resume_ckpt
@@ -138,28 +138,28 @@ class _Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
-        t = self.cfg.train
-        in_loop = in_the_loop(self.cfg.train, epoch)
+        t, loader, precision = self.cfg.train, self.data.train_loader, self.precision
+        in_loop = in_the_loop(t, epoch)
         # With the SNN in the loop BatchNorm keeps its running statistics: the SNN folds those in.
         if in_loop:
             self.net.eval()
         else:
             self.net.train()
-        self.data.train_loader.set_epoch(epoch)
+        loader.set_epoch(epoch)
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         lr = self.optimizer.param_groups[0]["lr"]
-        bar = tqdm(self.data.train_loader, total=len(self.data.train_loader), desc=f"epoch {epoch}/{t.epochs}",
+        bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch}/{t.epochs}",
                    leave=False, dynamic_ncols=True, disable=not (t.progress and self.ddp.is_main))
         for step, (x, y) in enumerate(bar, 1):
-            x = self._prepare_input(x)
-            with self._autocast():
+            x = precision.prepare_input(x)
+            with precision.autocast():
                 out = self.loop(self.net, x) if in_loop else self.net(x)
             loss = self.criterion(out.float(), y)
             finite = torch.isfinite(loss.detach()).to(torch.float32)
             self.ddp.all_min(finite)
             if not bool(finite.item()):
                 raise TrainingError(
-                    f"the loss became {loss.item()} at epoch {epoch}, step {step} of {len(self.data.train_loader)} "
+                    f"the loss became {loss.item()} at epoch {epoch}, step {step} of {len(loader)} "
                     f"(learning rate {self.optimizer.param_groups[0]['lr']:.4g}); lower train.lr or add "
                     f"train.warmup_epochs and resume (train.resume = true, --resume). {self.progress.last_good(self.run)}"
                 )
@@ -172,7 +172,7 @@ class _Trainer:
                 n = y.shape[0]
                 stats += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double(),
                                       torch.tensor(float(n), dtype=torch.float64, device=self.device)])
-            if bar.disable is False and (step % 20 == 0 or step == len(self.data.train_loader)):
+            if bar.disable is False and (step % 20 == 0 or step == len(loader)):
                 bar.set_postfix(loss=f"{float(stats[0] / stats[2]):.4f}", acc=f"{float(stats[1] / stats[2]):.3f}")
         bar.close()
         self.ddp.all_reduce(stats)
@@ -188,38 +188,27 @@ class _Trainer:
                 )
         return {"train_loss": float(stats[0] / stats[2]), "train_acc": float(stats[1] / stats[2]), "lr": lr}
 
-    @torch.no_grad()
-    def _evaluate_snn(self, loader) -> float | None:
-        """Accuracy of the converted SNN at train.snn_time_steps over an evaluation set split across ranks."""
-        stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # correct, count
-        self.model.eval()
-        if loader is not None:
-            snn = self.loop.network()
-            for x, y in loader:
-                out = snn.run(x, self.loop.time_steps).mean(0)
-                stats += torch.stack([(out.argmax(1) == y).sum().double(),
-                                      torch.tensor(float(y.shape[0]), dtype=torch.float64, device=self.device)])
-        self.ddp.all_reduce(stats)
-        return None if stats[1] == 0 else float(stats[0] / stats[1])
-
-    @torch.no_grad()
-    def _evaluate(self, loader) -> tuple[float | None, float | None]:
-        """Loss and accuracy over an evaluation set split across ranks (None if it is empty)."""
-        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
-        self.model.eval()  # the bare module: no DDP collectives, ranks may have different batch counts
-        if loader is not None:
-            for x, y in loader:
-                with self._autocast():
-                    out = self.model(self._prepare_input(x))
-                loss = nn.functional.cross_entropy(out.float(), y, reduction="sum")
-                stats += torch.stack([loss.double(), (out.argmax(1) == y).sum().double(),
-                                      torch.tensor(float(y.shape[0]), dtype=torch.float64, device=self.device)])
-        self.ddp.all_reduce(stats)
-        if stats[2] == 0:
-            return None, None
-        return float(stats[0] / stats[2]), float(stats[1] / stats[2])
-
-    # ---- files ----------------------------------------------------------------------------------
+    def _epoch(self, epoch: int) -> None:
+        """Train one epoch, score it, keep it if it is the best, save and report it."""
+        t, progress = self.cfg.train, self.progress
+        started = time.perf_counter()
+        metrics: dict[str, Any] = {"epoch": epoch}
+        metrics.update(self._train_epoch(epoch))
+        val_loss, val_acc = evaluate(self.model, self.data.val_loader, self.ddp, self.device, self.precision)
+        metrics.update(val_loss=val_loss, val_acc=val_acc)
+        score = val_acc
+        if t.snn_epochs:  # choose among the in-the-loop epochs, by the SNN's accuracy
+            score = (evaluate_snn(self.model, self.loop, self.data.val_loader, self.ddp, self.device)
+                     if in_the_loop(t, epoch) else None)
+            if in_the_loop(t, epoch):
+                metrics.update(val_snn_acc=score, snn_time_steps=t.snn_time_steps)
+        metrics["seconds"] = round(time.perf_counter() - started, 3)
+        is_best = score is not None and (progress.best_val_acc is None or score > progress.best_val_acc)
+        if is_best:
+            progress.best_epoch, progress.best_val_acc = epoch, val_acc
+        progress.history.append(metrics)
+        self._save(epoch, metrics, is_best)
+        self.ddp.log(_epoch_line(epoch, t, metrics, is_best))
 
     def _save(self, epoch: int, metrics: dict[str, Any], is_best: bool) -> None:
         self.ddp.barrier()
@@ -228,6 +217,18 @@ class _Trainer:
                                    metrics, self.progress)
             save_epoch(self.run, self.model, self.optimizer, self.scheduler, self.scaler, meta, self.progress, is_best)
         self.ddp.barrier()
+
+    def _test(self) -> dict[str, Any]:
+        """The final model on the test set (the first evaluate.max_samples, as in `eclsnn evaluate`)."""
+        cfg = self.cfg
+        test_set = load_data(cfg, self.ddp, train=False)
+        limit = cfg.evaluate.max_samples or len(test_set)  # the first N, as in `eclsnn evaluate`
+        loader = eval_loader(test_set, torch.arange(min(limit, len(test_set))), cfg, self.ddp, self.device)
+        test_loss, test_acc = evaluate(self.model, loader, self.ddp, self.device, self.precision)
+        self.ddp.log(f"test accuracy of the final model (checkpoints/last): {_fmt_acc(test_acc)} "
+                     f"(reported only; model selection uses the validation split)")
+        return {"epoch": cfg.train.epochs, "split": "test", "checkpoint": "last", "test_loss": test_loss,
+                "test_acc": test_acc, "test_samples": min(limit, len(test_set))}
 
     # ---- main ------------------------------------------------------------------------------------
 
@@ -250,48 +251,18 @@ class _Trainer:
             f"training {self.model_kwargs['arch']} ({cfg.model.activation}, L={cfg.model.levels}) on "
             f"{self.data.info.name}: {len(self.data.train_idx)} training / {len(self.data.val_idx)} validation images, "
             f"{self.steps_per_epoch} steps of {t.batch_size} per epoch, {procs} on {self.device}"
-            f"{', AMP ' + str(self.amp_dtype).replace('torch.', '') if self.amp else ''}; run folder {self.run}"
+            f"{self.precision.describe()}; run folder {self.run}"
         ))
+        for epoch in range(self.progress.start_epoch, t.epochs + 1):
+            self._epoch(epoch)
 
-        progress = self.progress
-        for epoch in range(progress.start_epoch, t.epochs + 1):
-            started = time.perf_counter()
-            metrics: dict[str, Any] = {"epoch": epoch}
-            metrics.update(self._train_epoch(epoch))
-            val_loss, val_acc = self._evaluate(self.data.val_loader)
-            metrics.update(val_loss=val_loss, val_acc=val_acc)
-            score = val_acc
-            if t.snn_epochs:  # choose among the in-the-loop epochs, by the SNN's accuracy
-                score = self._evaluate_snn(self.data.val_loader) if in_the_loop(self.cfg.train, epoch) else None
-                if in_the_loop(self.cfg.train, epoch):
-                    metrics.update(val_snn_acc=score, snn_time_steps=t.snn_time_steps)
-            metrics["seconds"] = round(time.perf_counter() - started, 3)
-            is_best = score is not None and (progress.best_val_acc is None or score > progress.best_val_acc)
-            if is_best:
-                progress.best_epoch, progress.best_val_acc = epoch, val_acc
-            progress.history.append(metrics)
-            self._save(epoch, metrics, is_best)
-            self.ddp.log((
-                f"epoch {epoch}/{t.epochs}  train loss {_fmt_loss(metrics['train_loss'])} acc "
-                f"{_fmt_acc(metrics['train_acc'])}  val loss {_fmt_loss(val_loss)} acc {_fmt_acc(val_acc)}"
-                + (f"  SNN(T={t.snn_time_steps}) val acc {_fmt_acc(metrics['val_snn_acc'])}" if "val_snn_acc" in metrics else "")
-                + f"{' (best)' if is_best else ''}  lr {metrics['lr']:.4g}  {metrics['seconds']:.1f}s"
-            ))
-
-        summary = run_summary(self.run, t, progress)
+        summary = run_summary(self.run, t, self.progress)
         final = None
         if t.eval_test:
-            test_set = load_data(cfg, self.ddp, train=False)
-            limit = cfg.evaluate.max_samples or len(test_set)  # the first N, as in `eclsnn evaluate`
-            test_loss, test_acc = self._evaluate(
-                eval_loader(test_set, torch.arange(min(limit, len(test_set))), cfg, self.ddp, self.device))
-            final = {"epoch": t.epochs, "split": "test", "checkpoint": "last", "test_loss": test_loss,
-                     "test_acc": test_acc, "test_samples": min(limit, len(test_set))}
-            summary.update(test_loss=test_loss, test_acc=test_acc)
-            self.ddp.log(f"test accuracy of the final model (checkpoints/last): {_fmt_acc(test_acc)} "
-                           f"(reported only; model selection uses the validation split)")
+            final = self._test()
+            summary.update(test_loss=final["test_loss"], test_acc=final["test_acc"])
         if self.ddp.is_main:
-            write_metrics(self.run, progress.history, final)
+            write_metrics(self.run, self.progress.history, final)
             write_summary(self.run, summary)
         self.ddp.barrier()
         return self.run
