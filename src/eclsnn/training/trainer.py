@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eclsnn.config import Config
+from eclsnn.config import Config, TrainConfig
 from eclsnn.errors import ConfigError, EclsnnError, TrainingError  # noqa: F401  (importable from here, as before)
 from eclsnn.training.distributed import Dist, init_distributed, select_device
 from eclsnn.training.evaluation import evaluate, evaluate_snn
@@ -82,12 +82,14 @@ def _fmt_loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _epoch_line(epoch: int, t, metrics: dict[str, Any], is_best: bool) -> str:
-    snn = f"  SNN(T={t.snn_time_steps}) val acc {_fmt_acc(metrics['val_snn_acc'])}" if "val_snn_acc" in metrics else ""
+def _epoch_line(epoch: int, t: TrainConfig, metrics: dict[str, Any], is_best: bool) -> str:
+    """The line printed after an epoch."""
+    m = metrics
+    snn = f"  SNN(T={t.snn_time_steps}) val acc {_fmt_acc(m['val_snn_acc'])}" if "val_snn_acc" in m else ""
     return (
-        f"epoch {epoch}/{t.epochs}  train loss {_fmt_loss(metrics['train_loss'])} acc "
-        f"{_fmt_acc(metrics['train_acc'])}  val loss {_fmt_loss(metrics['val_loss'])} acc {_fmt_acc(metrics['val_acc'])}"
-        + snn + f"{' (best)' if is_best else ''}  lr {metrics['lr']:.4g}  {metrics['seconds']:.1f}s"
+        f"epoch {epoch}/{t.epochs}  train loss {_fmt_loss(m['train_loss'])} acc {_fmt_acc(m['train_acc'])}  "
+        f"val loss {_fmt_loss(m['val_loss'])} acc {_fmt_acc(m['val_acc'])}"
+        + snn + f"{' (best)' if is_best else ''}  lr {m['lr']:.4g}  {m['seconds']:.1f}s"
     )
 
 
@@ -244,7 +246,8 @@ class _Trainer:
         if self.resume_ckpt is not None:
             self._restore()
             if self.ddp.is_main:
-                write_metrics(self.run, self.progress.history)  # drop lines of epochs after the checkpoint (a kill in between)
+                # drop lines of epochs after the checkpoint (a kill in between)
+                write_metrics(self.run, self.progress.history)
 
         procs = f"{self.ddp.world_size} processes" if self.ddp.enabled else "1 process"
         self.ddp.log((
