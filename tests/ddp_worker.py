@@ -1,7 +1,10 @@
 """Worker of ``test_train.py::test_ddp_two_processes_match_one_process``; run under
 ``python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py OUT``.
 
-1. A short ``eclsnn.training.trainer.train`` run with 2 processes; rank 1 records that it wrote no file.
+1. A short ``eclsnn.training.trainer.train`` run with 2 processes; rank 1 records that it wrote no file,
+   and the state of its own model (parameters and buffers) when train() built it and when train()
+   returned, caught from the test side by wrapping ``eclsnn.models.create`` (which train() builds its
+   network with); test_train.py compares the final one with rank 0's checkpoint.
 2. Gradients: every rank takes its half of the first global batch of B samples (BatchLoader sharding)
    and does one DDP forward/backward; rank 0 then does the same step in one process on the whole B
    batch and compares the (DDP-averaged) gradients. BatchNorm runs in eval mode here: without
@@ -18,8 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
+import eclsnn.models
 from eclsnn.training import run_files
 from eclsnn.training import trainer as train_mod
 from eclsnn.config import load_config
@@ -70,12 +75,21 @@ def check_gradients(out: Path, rank: int, world: int) -> None:
         (out / "grads.json").write_text(json.dumps({
             "compared": len(diffs), "max_abs_diff": max(diffs.values()),
             "max_abs_grad": max(float(g.abs().max()) for g in grads_one.values()), "per_parameter": diffs,
+            "per_parameter_max_abs_grad": {n: float(g.abs().max()) for n, g in grads_one.items()},
         }, indent=1))
     dist.barrier()
 
 
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()
+            if not isinstance(v, torch.nn.parameter.UninitializedParameter)}
+
+
 def run_training(out: Path, rank: int) -> None:
     writes: list[str] = []
+    built: list[torch.nn.Module] = []
+    initial: dict[str, torch.Tensor] = {}
+    real_create = eclsnn.models.create
     if rank != 0:  # record any attempt of rank 1 to write a file
         for name in ("save_checkpoint", "atomic_write_text", "atomic_write_json"):
             original = getattr(run_files, name)
@@ -85,11 +99,27 @@ def run_training(out: Path, rank: int) -> None:
                 return _original(*args, **kwargs)
 
             setattr(run_files, name, spy)
+
+        def create_spy(*args, **kwargs):  # the network train() builds, and its state before training
+            model = real_create(*args, **kwargs)
+            if not built:
+                built.append(model)
+                initial.update(_state(model))
+            return model
+
+        eclsnn.models.create = create_spy
     cfg = load_config(None, {**DDP_RUN, "train.output": str(out / "runs")})
-    run = train_mod.train(cfg)
+    try:
+        run = train_mod.train(cfg)
+    finally:
+        eclsnn.models.create = real_create
     assert run == out / "runs" / "ddp"
-    if rank != 0 and not writes:
-        (out / "rank1-wrote-nothing").write_text("ok\n")
+    if rank != 0:
+        if not writes:
+            (out / "rank1-wrote-nothing").write_text("ok\n")
+        assert built, "train() built no network through eclsnn.models.create; the spy saw nothing"
+        save_file(initial, str(out / "rank1-initial.safetensors"))
+        save_file(_state(built[0]), str(out / "rank1-final.safetensors"))
 
 
 def main() -> None:
