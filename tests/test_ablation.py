@@ -33,6 +33,12 @@ def test_ablate_writes_one_table_with_every_cell_a_fraction(ablation, capsys):
         cells = [r["accuracy"]] if r["variant"] == "ann" else [r["accuracy"][t] for t in ("1", "2")]
         for cell in cells:
             assert 0.0 <= cell["mean"] <= 1.0 and cell["n"] == 1 and cell["std"] is None
+    # Both networks learned (chance 0.1; measured: ReLU 0.46, learnable λ 0.29; with the learning rate 10x
+    # too small 0.27 and 0.09), and the calibrated ReLU network's dual SNN at T = 2 follows its ANN
+    # (measured 0.43). At this budget the learnable-λ network's SNN at T ≤ 2 is still at chance.
+    acc = {(r["threshold"], r["variant"]): r["accuracy"] for r in rows}
+    assert acc["fixed", "ann"]["mean"] >= 0.35 and acc["learnable", "ann"]["mean"] >= 0.2, rows
+    assert acc["fixed", "dual-v0.5-neg0"]["2"]["mean"] >= acc["fixed", "ann"]["mean"] - 0.1, rows
     assert [v["theta_neg"] for v in results["theta_neg_validation"]] == list(THETA_NEG_SWEEP)
     assert results["theta_neg_best"] in THETA_NEG_SWEEP
     assert results["val_samples"] == 256

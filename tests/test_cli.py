@@ -74,10 +74,14 @@ def test_demo_writes_results_and_plot(tmp_path, capsys):
                  "-T", "4", "--no-progress"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert 0.0 <= results["ann_accuracy"] <= 1.0
-    assert set(results["snn_accuracy"]) == {"if-v0", "if-half", "dual"}
-    for accs in results["snn_accuracy"].values():
+    ann, snn = results["ann_accuracy"], results["snn_accuracy"]
+    assert set(snn) == {"if-v0", "if-half", "dual"}
+    for accs in snn.values():
         assert set(accs) == {"1", "2", "3", "4"}
+    # one epoch on 1024 images: far above chance (0.1; measured 0.57, and 0.22 with the learning rate 10x
+    # too small); the dual SNN at T = 4 follows its ANN and beats IF started at v = 0
+    assert ann >= 0.4, results
+    assert snn["dual"]["4"] >= max(0.4, ann - 0.1) and snn["dual"]["4"] > snn["if-v0"]["4"], results
     assert (out / "accuracy_vs_T.png").stat().st_size > 1000
     assert "| dual |" in capsys.readouterr().out
 
@@ -131,8 +135,19 @@ def test_export_npz_and_json(run, tmp_path, capsys):
 def test_evaluate_adaptive_reports_steps_and_time(run, tmp_path, capsys):
     out = tmp_path / "a.json"
     assert main(["evaluate", str(run), "-T", "4", "--max-samples", "256", "--adaptive", "--json", str(out), "--no-progress"]) == 0
-    results = json.loads(out.read_text())["adaptive"]
-    assert results["fixed"]["mean_steps"] == 4.0
-    assert 1.0 <= results["adaptive"]["mean_steps"] <= 4.0
-    assert results["adaptive"]["num_samples"] == 256
+    everything = json.loads(out.read_text())
+    results = everything["adaptive"]
+    fixed, adaptive = results["fixed"], results["adaptive"]
+    assert fixed["mean_steps"] == 4.0
+    assert adaptive["num_samples"] == 256
+    # fixed T is the evaluation's own SNN at T = 4 on the same images, close to the ANN and far above chance
+    [snn] = everything["snn_accuracy"].values()
+    assert fixed["accuracy"] == snn["4"]
+    assert fixed["accuracy"] >= max(0.8, everything["ann_accuracy"] - 0.03), everything
+    # adaptive inference stops earlier for little accuracy (the margin is calibrated on the validation
+    # split for 0.5 points; measured: 0.8 points lost on these 256 test images, 2.5 steps on average)
+    assert adaptive["accuracy"] >= fixed["accuracy"] - 0.04, results
+    assert 1.0 <= adaptive["mean_steps"] <= 3.5, results
+    hist = {int(t): n for t, n in adaptive["steps_histogram"].items()}
+    assert sum(hist.values()) == 256 and sum(t * n for t, n in hist.items()) / 256 == pytest.approx(adaptive["mean_steps"])
     assert "adaptive latency" in capsys.readouterr().out

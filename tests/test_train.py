@@ -4,6 +4,7 @@ handling, fine-tuning from a ReLU network, and torchrun DDP on the CPU."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -119,8 +120,11 @@ def test_tiny_run_writes_everything(reference_run):
     for r in rows[:2]:
         assert set(DETERMINISTIC_FIELDS) | {"seconds"} <= set(r)
     assert rows[2]["split"] == "test" and rows[2]["test_samples"] == 500
-    assert rows[2]["test_acc"] > 0.2  # chance is 0.1
-    assert rows[1]["val_acc"] > 0.2
+    # Chance is 0.1 and a loss of ln 10; 16 steps take the network well past both (measured: test 0.45,
+    # loss 1.50, val loss 1.52; with the learning rate 10x too small: 0.26, 2.13, 2.14).
+    chance_loss = math.log(10)
+    assert rows[2]["test_acc"] >= 0.3 and rows[2]["test_loss"] <= 0.8 * chance_loss, rows[2]
+    assert rows[1]["val_loss"] <= 0.8 * chance_loss and rows[1]["val_loss"] < rows[0]["val_loss"], rows
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test_acc"] == rows[2]["test_acc"] and summary["best_epoch"] in (1, 2)
     assert resolve_checkpoint(run) == run / "checkpoints" / "last"
