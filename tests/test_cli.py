@@ -59,6 +59,31 @@ def test_convert_saves_a_rebuildable_snn(run, tmp_path, capsys):
     results = json.loads(out.read_text())
     assert list(results["snn_accuracy"]) == ["if (saved)"]
     assert set(results["snn_accuracy"]["if (saved)"]) == {"1", "2"}
+    # the saved SNN is eclsnn.convert of the same checkpoint with the same settings, exactly: its θ on disk
+    # (compared directly: load_snn takes the θ of ThresholdClip layers from the checkpoint's λ, not from
+    # the file) and, loaded back, its outputs over T = 4 steps on a batch of test images
+    import torch
+    from safetensors.torch import load_file
+
+    import eclsnn
+    from eclsnn.data import BatchLoader, load_dataset
+    from eclsnn.io.checkpoint import build_model, load_checkpoint
+    from eclsnn.recipes.common import load_snn
+
+    ckpt = load_checkpoint(run)
+    fresh = eclsnn.convert(build_model(ckpt), neuron="if", v_init=0.5)
+    thetas, saved = fresh.thresholds(), load_file(folder / "thresholds.safetensors")
+    assert saved.keys() == thetas.keys()
+    for k in thetas:
+        assert torch.equal(saved[k], thetas[k]), (k, saved[k], thetas[k])
+    assert {n["name"]: n["theta"] for n in spec["neurons"]} == {k: v.tolist() for k, v in thetas.items()}
+    loaded, _, loaded_ckpt, _ = load_snn(folder)
+    assert loaded_ckpt.path == ckpt.path
+    x, _ = next(iter(BatchLoader(load_dataset("fashion-mnist", train=False), torch.arange(64), batch_size=64)))
+    with torch.no_grad():
+        expected, got = eclsnn.simulate(fresh, x, 4), eclsnn.simulate(loaded, x, 4)
+    assert expected.abs().max() > 0
+    assert torch.equal(got, expected), f"differs from a fresh conversion by up to {float((got - expected).abs().max())}"
 
 
 def test_evaluate_on_the_validation_split_and_weights_file(run, tmp_path):
