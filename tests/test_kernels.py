@@ -312,7 +312,7 @@ def _record(snn, method: str) -> dict:
 def _expected_calls(snn, sub_batches: int, neuron: str, fused: bool = True) -> dict:
     """Kernel calls of one :meth:`SpikingNetwork.run`: per sub-batch, one fused neuron+pool call per
     planned fusion and one neuron call per other neuron layer."""
-    n_fused = len(snn._plan_graph()[2]) if fused else 0
+    n_fused = len(snn.plan().fusions) if fused else 0
     calls = {"pool_run": n_fused * sub_batches} if n_fused else {}
     return calls | {"if_run" if neuron == "if" else "dual_run": (len(snn.neurons()) - n_fused) * sub_batches}
 
