@@ -11,7 +11,7 @@ import eclsnn
 from eclsnn import ConversionError, DualThresholdIFNeuron, IFNeuron, ThresholdClip, convert, prepare, simulate
 from eclsnn.conversion.converter import fold_batchnorm, trace
 from eclsnn.core.functional import LAMBDA_MIN, threshold_clip
-from eclsnn.simulation.network import observe_neurons
+from eclsnn.simulation import observe_neurons
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
