@@ -1,0 +1,258 @@
+"""The graph side of conversion: trace a model with ``torch.fx`` (each activation its own call site),
+check every node against an allow-list of operations whose spiking meaning is known, and normalise
+(one activation module per call site, dropout and identity removed, max pooling per policy)."""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from eclsnn.core.clip import ThresholdClip
+from eclsnn.errors import ConversionError
+
+__all__ = ["trace", "check_convertible", "normalise", "MAXPOOL_POLICIES"]
+
+#: what conversion does with max pooling
+MAXPOOL_POLICIES = ("error", "avg")
+
+# ---- the allow-list: operations whose spiking meaning is known --------------------------------
+# Linear (time-invariant) modules act on each step's input exactly as in the ANN.
+_LINEAR_MODULES: tuple[type, ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.Flatten, nn.Unflatten, nn.ZeroPad2d,
+)
+_ACTIVATION_MODULES = (nn.ReLU, ThresholdClip)
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d)
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
+_MAXPOOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d}
+_LINEAR_FUNCTIONS = {
+    operator.add, operator.iadd, operator.sub, torch.add, torch.sub, operator.neg, torch.neg,
+    torch.flatten, torch.reshape, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    operator.getitem, getattr,  # only on shapes: checked below
+}
+_SCALE_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div}  # by a constant only
+_RELU_METHODS = {"relu", "relu_"}
+_LINEAR_METHODS = {"view", "reshape", "flatten", "size", "contiguous", "add", "add_", "dim", "mean", "sum"}
+
+
+class _Tracer(fx.Tracer):
+    """Keeps ``ThresholdClip`` as a leaf and records, for every node, the module it was called in."""
+
+    def __init__(self):
+        super().__init__()
+        self._scope: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, ThresholdClip) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self._scope.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._scope.pop()
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        node.meta["eclsnn_scope"] = self._scope[-1] if self._scope else ""
+        return node
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace a copy of ``model`` (eval mode) with ``ThresholdClip`` kept as a leaf."""
+    if not isinstance(model, nn.Module):
+        raise ConversionError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    root = copy.deepcopy(model).eval()
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(root)
+    except Exception as exc:  # fx raises TraceError, TypeError, ... from user code
+        raise ConversionError(
+            f"could not trace {type(model).__name__} with torch.fx: {exc}. The forward pass must not branch on "
+            "tensor values or call untraceable code; move such logic out of forward()."
+        ) from None
+    return fx.GraphModule(root, graph, class_name=type(model).__name__)
+
+
+# ---- checking -----------------------------------------------------------------------------------
+
+def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(gm.get_submodule(node.target)).__name__})"
+    scope = node.meta.get("eclsnn_scope") or "<top level>"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
+    kind = "method ." if node.op == "call_method" else "function "
+    return f"{node.name} ({kind}{target}) in {scope}"
+
+
+def _is_shape_value(arg) -> bool:
+    """True for nodes that produce shapes/ints rather than activations (``x.size()``, ``x.shape``)."""
+    if not isinstance(arg, fx.Node):
+        return True
+    if arg.op == "call_method" and arg.target in ("size", "dim"):
+        return True
+    if arg.op == "call_function" and arg.target is getattr and arg.args[1] in ("shape", "ndim"):
+        return True
+    if arg.op == "call_function" and arg.target is operator.getitem:
+        return _is_shape_value(arg.args[0])
+    return False
+
+
+def _reduce_dims_ok(node: fx.Node) -> bool:
+    args = node.args[1:] if node.op == "call_method" else node.args[1:]
+    dim = node.kwargs.get("dim", args[0] if args else None)
+    if dim is None:
+        return False
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    return all(isinstance(d, int) and d != 0 for d in dims)
+
+
+def _check_node(node: fx.Node, gm: fx.GraphModule, maxpool: str) -> str | None:
+    """Return why ``node`` is not convertible, or None."""
+    if node.op in ("placeholder", "output"):
+        return None
+    if node.op == "get_attr":
+        return None  # constants (buffers) combine linearly; their users are checked
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, _LINEAR_MODULES + _ACTIVATION_MODULES + _IDENTITY_MODULES):
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and not mod.track_running_stats:
+                return "BatchNorm without running statistics (its eval output depends on the batch)"
+            return None
+        if isinstance(mod, _MAXPOOL_MODULES):
+            return None if maxpool == "avg" else "max pooling has no exact spiking form"
+        return "module type without a known spiking meaning"
+    if node.op == "call_function":
+        t = node.target
+        if t in _RELU_FUNCTIONS or t in _DROPOUT_FUNCTIONS:
+            return None
+        if t in _MAXPOOL_FUNCTIONS:
+            return None if maxpool == "avg" else "max pooling has no exact spiking form"
+        if t is getattr:
+            return None if node.args[1] in ("shape", "ndim") else "attribute access on an activation"
+        if t is operator.getitem:
+            return None if _is_shape_value(node.args[0]) else "indexing an activation"
+        if t is torch.cat:
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            return None if dim != 0 else "concatenation along the batch dimension"
+        if t in _SCALE_FUNCTIONS:
+            tensors = [a for a in node.args if isinstance(a, fx.Node) and not _is_shape_value(a)]
+            if len(tensors) > 1 or (t in (operator.truediv, torch.div) and not _is_shape_value(node.args[1])):
+                return "product of two activations (not linear in the spikes)"
+            return None
+        if t in (torch.mean, torch.sum):
+            return None if _reduce_dims_ok(node) else "reduction over the batch dimension or all dimensions"
+        if t in _LINEAR_FUNCTIONS:
+            return None
+        return "function without a known spiking meaning"
+    if node.op == "call_method":
+        if node.target in _RELU_METHODS:
+            return None
+        if node.target in ("mean", "sum"):
+            return None if _reduce_dims_ok(node) else "reduction over the batch dimension or all dimensions"
+        if node.target in _LINEAR_METHODS:
+            return None
+        return "tensor method without a known spiking meaning"
+    return f"unexpected graph node kind {node.op!r}"
+
+
+def check_convertible(gm: fx.GraphModule, maxpool: str = "error") -> None:
+    """Raise :class:`ConversionError` naming every node outside the allow-list."""
+    problems = []
+    for node in gm.graph.nodes:
+        why = _check_node(node, gm, maxpool)
+        if why:
+            problems.append(f"  - {_describe(node, gm)}: {why}")
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    if outputs and not isinstance(outputs[0].args[0], fx.Node):
+        problems.append("  - output: the network must return a single tensor (the readout)")
+    if problems:
+        advice = []
+        if any("max pooling" in p for p in problems):
+            advice.append("for max pooling pass maxpool='avg' (replaces it by average pooling; retrain or fine-tune for "
+                          "best accuracy) or build the model with average pooling")
+        advice.append("replace other operations by convertible ones (conv, linear, BatchNorm, ReLU/ThresholdClip, "
+                      "average pooling, addition, concatenation, flatten/view, dropout)")
+        raise ConversionError(
+            "cannot convert this network to a spiking network; unsupported operations:\n"
+            + "\n".join(problems) + "\nWhat to do: " + "; ".join(advice) + "."
+        )
+
+
+# ---- normalisation --------------------------------------------------------------------------------
+
+def _unique_name(gm: fx.GraphModule, base: str) -> str:
+    name, k = base, 1
+    while hasattr(gm, name):
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def _bypass(gm: fx.GraphModule, node: fx.Node) -> None:
+    node.replace_all_uses_with(node.args[0])
+    gm.graph.erase_node(node)
+
+
+def _replace_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, name: str) -> fx.Node:
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, (node.args[0],))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def _avgpool_like(pool_args: dict, dims: int) -> nn.Module:
+    cls = nn.AvgPool1d if dims == 1 else nn.AvgPool2d
+    if pool_args.get("dilation", 1) not in (1, (1,), (1, 1)):
+        raise ConversionError("max pooling with dilation cannot be replaced by average pooling")
+    return cls(pool_args["kernel_size"], pool_args.get("stride") or pool_args["kernel_size"],
+               pool_args.get("padding", 0), ceil_mode=pool_args.get("ceil_mode", False), count_include_pad=False)
+
+
+def normalise(gm: fx.GraphModule, maxpool: str = "error") -> fx.GraphModule:
+    """Give each activation call site its own module, drop dropout/identity, apply the max-pool policy.
+
+    After this pass every activation is a ``call_module`` of ``nn.ReLU`` or ``ThresholdClip`` used at
+    exactly one node, so each becomes one neuron layer with its own state and threshold.
+    """
+    seen_targets: set[str] = set()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _RELU_FUNCTIONS or (
+            node.op == "call_method" and node.target in _RELU_METHODS
+        ):
+            _replace_with_module(gm, node, nn.ReLU(), _unique_name(gm, node.name))
+        elif node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
+            _bypass(gm, node)
+        elif node.op == "call_function" and node.target in _MAXPOOL_FUNCTIONS and maxpool == "avg":
+            names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+            pool_args = dict(zip(names, node.args[1:]), **node.kwargs)
+            dims = 1 if node.target is F.max_pool1d else 2
+            _replace_with_module(gm, node, _avgpool_like(pool_args, dims), _unique_name(gm, node.name))
+        elif node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, _IDENTITY_MODULES):
+                _bypass(gm, node)
+            elif isinstance(mod, _MAXPOOL_MODULES) and maxpool == "avg":
+                pool_args = dict(kernel_size=mod.kernel_size, stride=mod.stride, padding=mod.padding,
+                                 dilation=mod.dilation, ceil_mode=mod.ceil_mode)
+                avg = _avgpool_like(pool_args, 1 if isinstance(mod, nn.MaxPool1d) else 2)
+                gm.add_submodule(node.target, avg)
+            elif isinstance(mod, _ACTIVATION_MODULES):
+                if node.target in seen_targets:  # shared activation module (e.g. torchvision's self.relu)
+                    name = _unique_name(gm, node.target.replace(".", "_"))
+                    _replace_with_module(gm, node, copy.deepcopy(mod), name)
+                seen_targets.add(node.target)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
