@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from eclsnn.recipes.ablate import THETA_NEG_SWEEP, _summarise, format_ablation, grid_variants, run_name, theta_neg_variants
+from eclsnn.recipes.ablation import THETA_NEG_SWEEP, _summarise, format_ablation, grid_variants, run_name, theta_neg_variants
 from eclsnn.cli import main
 
 TINY = ["--seeds", "0", "--epochs", "1", "--max-train-samples", "512", "--max-samples", "256", "-T", "1", "2",

@@ -192,8 +192,8 @@ def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any
 # ---- commands: flags to settings, settings to a recipe, its results to lines ---------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from eclsnn.recipes.configure import layered_config
-    from eclsnn.recipes.train import train
+    from eclsnn.recipes.settings import layered_config
+    from eclsnn.recipes.training import train
 
     run = train(layered_config(_overrides(args, _TRAIN_FLAGS), getattr(args, "config", None)))
     print(f"run folder: {run}")
@@ -201,7 +201,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from eclsnn.recipes.convert import convert_to_folder
+    from eclsnn.recipes.conversion import convert_to_folder
 
     out, snn, kwargs, ckpt = convert_to_folder(args.checkpoint, args.output,
                                                _overrides(args, {**_CONVERT_FLAGS, "data_dir": "data.data_dir"}), getattr(args, "config", None))
@@ -215,7 +215,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from eclsnn.recipes.evaluate import run_evaluate
+    from eclsnn.recipes.evaluation import run_evaluate
 
     _, out = run_evaluate(args.checkpoint, _overrides(args, {**_CONVERT_FLAGS, **_EVAL_FLAGS}), getattr(args, "config", None),
                           device=args.device, progress=not args.no_progress, adaptive=args.adaptive,
@@ -247,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from eclsnn.recipes.analyze import analysis_variants, analyze_checkpoint, format_analysis
+    from eclsnn.recipes.analysis import analysis_variants, analyze_checkpoint, format_analysis
 
     variants = analysis_variants(args.neuron, args.v_init, args.theta_neg)
     results, out = analyze_checkpoint(
@@ -262,7 +262,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from eclsnn.recipes.ablate import format_ablation, run_ablation
+    from eclsnn.recipes.ablation import format_ablation, run_ablation
 
     results = run_ablation(
         seeds=args.seeds, epochs=args.epochs, output=args.output, runs_dir=args.runs_dir, max_samples=args.max_samples,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from eclsnn.config import load_config, parse_overrides
-from eclsnn.recipes.convert import convert_checkpoint
+from eclsnn.recipes.conversion import convert_checkpoint
 from eclsnn.recipes.variants import DEMO_VARIANTS
 from eclsnn.recipes.common import eval_loader, evaluate_variants, format_table, load_ann, load_split, plot_accuracy_vs_t, write_json
 from eclsnn.training.trainer import train

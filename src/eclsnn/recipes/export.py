@@ -14,8 +14,8 @@ from eclsnn.data import DATASETS, resolve_name
 from eclsnn.io.checkpoint import Checkpoint
 from eclsnn.io.export import export_json, export_npz
 from eclsnn.recipes.common import is_snn_folder, load_ann, load_snn
-from eclsnn.recipes.configure import layered_config
-from eclsnn.recipes.convert import convert_checkpoint
+from eclsnn.recipes.settings import layered_config
+from eclsnn.recipes.conversion import convert_checkpoint
 
 __all__ = ["run_export", "sample_input", "EXPORT_FORMATS"]
 

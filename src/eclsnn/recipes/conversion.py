@@ -15,7 +15,7 @@ from eclsnn.conversion.converter import convert
 from eclsnn.core.clip import ThresholdClip
 from eclsnn.io.checkpoint import Checkpoint
 from eclsnn.recipes.common import calibration_batches, convert_kwargs, load_ann, save_snn
-from eclsnn.recipes.configure import layered_config
+from eclsnn.recipes.settings import layered_config
 from eclsnn.simulation import SpikingNetwork
 
 __all__ = ["needs_calibration", "relu_thresholds", "convert_checkpoint", "convert_to_folder"]

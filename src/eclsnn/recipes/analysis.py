@@ -9,8 +9,8 @@ from typing import Any
 
 from eclsnn.analysis import analyze, format_analysis, plot_analysis
 from eclsnn.recipes.common import eval_loader, load_ann, load_split, write_json
-from eclsnn.recipes.configure import layered_config
-from eclsnn.recipes.convert import convert_checkpoint, relu_thresholds
+from eclsnn.recipes.settings import layered_config
+from eclsnn.recipes.conversion import convert_checkpoint, relu_thresholds
 from eclsnn.recipes.variants import DEMO_VARIANTS, variant_name
 from eclsnn.simulation import check_time_steps
 

@@ -77,7 +77,7 @@ def _measure_seed(
     """Test accuracy of every grid/sweep variant on both networks and validation accuracy of the sweep."""
     from eclsnn.config import config_from_dict
     from eclsnn.recipes.common import eval_loader, evaluate_variants, load_ann, load_split
-    from eclsnn.recipes.convert import convert_checkpoint, relu_thresholds
+    from eclsnn.recipes.conversion import convert_checkpoint, relu_thresholds
 
     T = max(steps)
     relu, relu_ckpt = load_ann(relu_run)

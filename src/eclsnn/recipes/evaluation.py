@@ -12,8 +12,8 @@ from typing import Any
 from eclsnn.config import Config
 from eclsnn.recipes.common import (eval_loader, evaluate_variants, format_table, is_snn_folder, load_ann, load_snn,
                                    load_split, write_json)
-from eclsnn.recipes.configure import layered_config
-from eclsnn.recipes.convert import convert_checkpoint
+from eclsnn.recipes.settings import layered_config
+from eclsnn.recipes.conversion import convert_checkpoint
 from eclsnn.simulation import SpikingNetwork
 from eclsnn.simulation.adaptive import AdaptiveResult, calibrate_margin, evaluate_adaptive
 
