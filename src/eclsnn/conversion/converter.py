@@ -84,6 +84,15 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
 
 # ---- conversion -------------------------------------------------------------------------------------
 
+def _data_thresholded(mod: nn.Module) -> bool:
+    """ReLU and clamps to [0, c]: activations whose θ comes from calibration data (a clamp's θ is at most c)."""
+    return isinstance(mod, (nn.ReLU, nn.Hardtanh))
+
+
+def _upper_bound(mod: nn.Module) -> float | None:
+    return float(mod.max_val) if isinstance(mod, nn.Hardtanh) else None
+
+
 def _activation_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _ACTIVATION_MODULES)]
 
@@ -116,7 +125,10 @@ def convert(
 
     Args:
         model: the trained ANN; not modified. Activations are ``ThresholdClip`` (θ = λ) or ReLU
-            (module, ``F.relu``, ``torch.relu``, ``.relu()``; θ from ``calibration``).
+            (module, ``F.relu``, ``torch.relu``, ``.relu()``; θ from ``calibration``) or a clamp to [0, c]
+            (ReLU6, Hardtanh(0, c), ``F.relu6``, ``F.hardtanh``, ``torch.clamp(x, 0, c)``, ``.clamp(min=0)``;
+            θ from ``calibration``, at most c). Other activations (SiLU, GELU, sigmoid gates, LayerNorm,
+            attention, ...) are refused with a ConversionError naming each node and why.
         neuron: ``"dual"`` (dual-threshold, signed spikes) or ``"if"``.
         v_init: initial membrane potential in units of θ (0.5 = θ/2, the paper's choice).
         theta_neg: negative threshold of the dual-threshold neuron, in units of θ.
@@ -155,7 +167,7 @@ def convert(
     acts = _activation_nodes(gm)
     if not acts:
         raise ConversionError("the network has no activation (ReLU or ThresholdClip) to turn into spiking neurons")
-    relus = {n.target: gm.get_submodule(n.target) for n in acts if isinstance(gm.get_submodule(n.target), nn.ReLU)}
+    relus = {n.target: gm.get_submodule(n.target) for n in acts if _data_thresholded(gm.get_submodule(n.target))}
     thetas: dict[str, torch.Tensor] = {}
     if thresholds is not None:
         unknown = sorted(set(thresholds) - set(relus))
@@ -176,6 +188,8 @@ def convert(
     for node in acts:
         mod = gm.get_submodule(node.target)
         theta = mod.threshold if isinstance(mod, ThresholdClip) else thetas[node.target]
+        if _upper_bound(mod) is not None:  # a clamp to [0, c]: the neuron may not pass more than c per step
+            theta = torch.as_tensor(theta).clamp(max=_upper_bound(mod))
         if not torch.isfinite(theta).all():
             raise ConversionError(f"threshold of {node.target} is not finite ({theta}); check the model and calibration data")
         theta = _positive_threshold(theta)
@@ -197,29 +211,34 @@ def prepare(
     init_threshold: float = DEFAULT_INIT_THRESHOLD,
 ) -> fx.GraphModule:
     """A copy of a ReLU network with each ReLU replaced by a :class:`ThresholdClip` — the way to
-    fine-tune a pretrained network instead of training from scratch.
+    fine-tune a pretrained network instead of training from scratch. Clamps to [0, c] (ReLU6,
+    Hardtanh(0, c), ``F.relu6``, ``torch.clamp(x, 0, c)``) are replaced too, with λ at most c.
 
     λ starts at the ``percentile`` of each ReLU's output on ``calibration`` data (a tensor or an
-    iterable of batches), or at ``init_threshold`` without data. ReLU modules keep their qualified
+    iterable of batches), or at ``init_threshold`` without data (for a clamp: at most c). ReLU modules keep their qualified
     names, so a model from :func:`eclsnn.models.create` with ``activation="relu"`` prepares into one
     whose ``state_dict`` loads strictly into the same model built with ``activation="clip"``.
     The returned module is in training mode if ``model`` was.
     """
     gm = trace(model)
     normalise(gm, maxpool="error")
-    relus = {n.target: gm.get_submodule(n.target) for n in _activation_nodes(gm) if isinstance(gm.get_submodule(n.target), nn.ReLU)}
+    relus = {n.target: gm.get_submodule(n.target) for n in _activation_nodes(gm) if _data_thresholded(gm.get_submodule(n.target))}
     if not relus:
-        raise ConversionError("prepare() found no ReLU to replace (module nn.ReLU, F.relu, torch.relu or .relu())")
+        raise ConversionError("prepare() found no ReLU to replace (module nn.ReLU, F.relu, torch.relu or .relu(); "
+                              "ReLU6, Hardtanh(0, c) and clamp(x, 0, c) too)")
     init: dict[str, torch.Tensor] = {}
     device = next((p.device for p in gm.parameters()), None)
     if calibration is not None:
         init = ActivationStatistics(relus, "percentile", percentile, "channel" if per_channel else "layer").run(gm, calibration, device)
-    for name in relus:
-        clip = ThresholdClip(levels=levels, init_threshold=init_threshold, per_channel=per_channel,
+    for name, mod in relus.items():
+        cap = _upper_bound(mod)
+        start = init_threshold if cap is None else min(init_threshold, cap)
+        clip = ThresholdClip(levels=levels, init_threshold=start, per_channel=per_channel,
                              num_channels=init[name].numel() if per_channel and name in init else None)
         if name in init:
+            lam = init[name] if cap is None else init[name].clamp(max=cap)
             with torch.no_grad():
-                clip.threshold_raw.copy_(_positive_threshold(init[name]).reshape(clip.threshold_raw.shape))
+                clip.threshold_raw.copy_(_positive_threshold(lam).reshape(clip.threshold_raw.shape))
         gm.add_submodule(name, clip.to(device) if device is not None else clip)
     gm.recompile()
     return gm.train(model.training)

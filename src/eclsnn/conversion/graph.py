@@ -15,7 +15,7 @@ from torch import nn
 from eclsnn.core.clip import ThresholdClip
 from eclsnn.errors import ConversionError
 
-__all__ = ["trace", "check_convertible", "normalise", "MAXPOOL_POLICIES"]
+__all__ = ["trace", "check_convertible", "normalise", "clamp_bounds", "MAXPOOL_POLICIES"]
 
 #: what conversion does with max pooling
 MAXPOOL_POLICIES = ("error", "avg")
@@ -27,7 +27,7 @@ _LINEAR_MODULES: tuple[type, ...] = (
     nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
     nn.Flatten, nn.Unflatten, nn.ZeroPad2d,
 )
-_ACTIVATION_MODULES = (nn.ReLU, ThresholdClip)
+_ACTIVATION_MODULES = (nn.ReLU, ThresholdClip, nn.Hardtanh)  # Hardtanh (and ReLU6) with a lower bound of 0 only
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d)
 
@@ -41,6 +41,60 @@ _LINEAR_FUNCTIONS = {
 }
 _SCALE_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div}  # by a constant only
 _RELU_METHODS = {"relu", "relu_"}
+# clamps: ReLU6, Hardtanh(0, c), clamp(x, 0, c) / clamp(min=0) become one activation module each
+_CLAMP_FUNCTIONS = {F.relu6, F.hardtanh, torch.clamp, torch.clip}
+_CLAMP_METHODS = {"clamp", "clip", "clamp_", "clip_"}
+# activations that have no spiking form here, with the reason given to the user
+_NO_SPIKING_FORM = "integrate-and-fire neurons express only ReLU-like activations (ReLU, ReLU6, Hardtanh(0, c), clamp(x, 0, c))"
+_UNSUPPORTED_MODULES: dict[type, str] = {
+    nn.SiLU: "SiLU is not monotone and not piecewise linear", nn.GELU: "GELU is not monotone and not piecewise linear",
+    nn.Hardswish: "Hardswish is not monotone", nn.Mish: "Mish is not monotone",
+    nn.Sigmoid: "a sigmoid (gate) is not piecewise linear", nn.Tanh: "tanh is not piecewise linear and takes negative values",
+    nn.Softmax: "softmax normalises across units (not elementwise)", nn.LayerNorm: "LayerNorm divides by a statistic of the activations",
+    nn.GroupNorm: "GroupNorm divides by a statistic of the activations",
+    nn.MultiheadAttention: "attention multiplies activations with each other",
+    nn.LeakyReLU: "LeakyReLU passes negative values", nn.PReLU: "PReLU passes negative values", nn.ELU: "ELU passes negative values",
+}
+_UNSUPPORTED_FUNCTIONS: dict = {
+    F.silu: "SiLU is not monotone and not piecewise linear", F.gelu: "GELU is not monotone and not piecewise linear",
+    F.hardswish: "Hardswish is not monotone", F.mish: "Mish is not monotone",
+    torch.sigmoid: "a sigmoid (gate) is not piecewise linear", F.sigmoid: "a sigmoid (gate) is not piecewise linear",
+    torch.tanh: "tanh is not piecewise linear and takes negative values", F.softmax: "softmax normalises across units",
+    F.layer_norm: "layer_norm divides by a statistic of the activations", F.leaky_relu: "leaky_relu passes negative values",
+    F.scaled_dot_product_attention: "attention multiplies activations with each other",
+}
+
+
+def clamp_bounds(node: fx.Node, gm: fx.GraphModule) -> tuple[object, object] | None:
+    """(lower, upper) of a clamping node (ReLU6, Hardtanh, F.relu6, F.hardtanh, clamp/clip as function or
+    method; None for a missing bound), or None if ``node`` is not one."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return (mod.min_val, mod.max_val) if isinstance(mod, nn.Hardtanh) else None
+    if node.op == "call_function" and node.target in _CLAMP_FUNCTIONS:
+        if node.target is F.relu6:
+            return 0.0, 6.0
+        if node.target is F.hardtanh:
+            bound = dict(zip(("input", "min_val", "max_val"), node.args)) | dict(node.kwargs)
+            return bound.get("min_val", -1.0), bound.get("max_val", 1.0)
+    elif not (node.op == "call_method" and node.target in _CLAMP_METHODS):
+        return None
+    bound = dict(zip(("input", "min", "max"), node.args)) | dict(node.kwargs)
+    return bound.get("min"), bound.get("max")
+
+
+def _clamp_problem(bounds: tuple[object, object]) -> str | None:
+    """Why a clamp with these bounds has no spiking form, or None (lower bound 0, upper bound a positive
+    number or none)."""
+    low, high = bounds
+    if isinstance(low, (fx.Node, torch.Tensor)) or isinstance(high, (fx.Node, torch.Tensor)):
+        return "a clamp with tensor bounds (only number bounds become neuron thresholds)"
+    if low is None or float(low) != 0.0:
+        return (f"a clamp with lower bound {low} (a neuron's output starts at 0: only clamps to [0, c] or [0, inf) "
+                "become neurons)")
+    if high is not None and not float(high) > 0:
+        return f"a clamp with upper bound {high} (must be positive)"
+    return None
 _LINEAR_METHODS = {"view", "reshape", "flatten", "size", "contiguous", "add", "add_", "dim", "mean", "sum"}
 
 
@@ -124,6 +178,11 @@ def _check_node(node: fx.Node, gm: fx.GraphModule, maxpool: str) -> str | None:
         return None  # constants (buffers) combine linearly; their users are checked
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.Hardtanh):
+            return _clamp_problem((mod.min_val, mod.max_val))
+        for kind, why in _UNSUPPORTED_MODULES.items():
+            if isinstance(mod, kind):
+                return f"{why}; {_NO_SPIKING_FORM}"
         if isinstance(mod, _LINEAR_MODULES + _ACTIVATION_MODULES + _IDENTITY_MODULES):
             if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and not mod.track_running_stats:
                 return "BatchNorm without running statistics (its eval output depends on the batch)"
@@ -135,6 +194,10 @@ def _check_node(node: fx.Node, gm: fx.GraphModule, maxpool: str) -> str | None:
         t = node.target
         if t in _RELU_FUNCTIONS or t in _DROPOUT_FUNCTIONS:
             return None
+        if t in _CLAMP_FUNCTIONS:
+            return _clamp_problem(clamp_bounds(node, gm))
+        if t in _UNSUPPORTED_FUNCTIONS:
+            return f"{_UNSUPPORTED_FUNCTIONS[t]}; {_NO_SPIKING_FORM}"
         if t in _MAXPOOL_FUNCTIONS:
             return None if maxpool == "avg" else "max pooling has no exact spiking form"
         if t is getattr:
@@ -157,6 +220,10 @@ def _check_node(node: fx.Node, gm: fx.GraphModule, maxpool: str) -> str | None:
     if node.op == "call_method":
         if node.target in _RELU_METHODS:
             return None
+        if node.target in _CLAMP_METHODS:
+            return _clamp_problem(clamp_bounds(node, gm))
+        if node.target in ("sigmoid", "tanh", "softmax"):
+            return f"{node.target} has no spiking form; {_NO_SPIKING_FORM}"
         if node.target in ("mean", "sum"):
             return None if _reduce_dims_ok(node) else "reduction over the batch dimension or all dimensions"
         if node.target in _LINEAR_METHODS:
@@ -181,7 +248,7 @@ def check_convertible(gm: fx.GraphModule, maxpool: str = "error") -> None:
             advice.append("for max pooling pass maxpool='avg' (replaces it by average pooling; retrain or fine-tune for "
                           "best accuracy) or build the model with average pooling")
         advice.append("replace other operations by convertible ones (conv, linear, BatchNorm, ReLU/ThresholdClip, "
-                      "average pooling, addition, concatenation, flatten/view, dropout)")
+                      "ReLU6 and clamps to [0, c], average pooling, addition, concatenation, flatten/view, dropout)")
         raise ConversionError(
             "cannot convert this network to a spiking network; unsupported operations:\n"
             + "\n".join(problems) + "\nWhat to do: " + "; ".join(advice) + "."
@@ -223,8 +290,9 @@ def _avgpool_like(pool_args: dict, dims: int) -> nn.Module:
 def normalise(gm: fx.GraphModule, maxpool: str = "error") -> fx.GraphModule:
     """Give each activation call site its own module, drop dropout/identity, apply the max-pool policy.
 
-    After this pass every activation is a ``call_module`` of ``nn.ReLU`` or ``ThresholdClip`` used at
-    exactly one node, so each becomes one neuron layer with its own state and threshold.
+    After this pass every activation is a ``call_module`` of ``nn.ReLU``, ``nn.Hardtanh`` with lower bound 0
+    (ReLU6 and clamps to [0, c]) or ``ThresholdClip`` used at exactly one node, so each becomes one neuron
+    layer with its own state and threshold.
     """
     seen_targets: set[str] = set()
     for node in list(gm.graph.nodes):
@@ -232,6 +300,11 @@ def normalise(gm: fx.GraphModule, maxpool: str = "error") -> fx.GraphModule:
             node.op == "call_method" and node.target in _RELU_METHODS
         ):
             _replace_with_module(gm, node, nn.ReLU(), _unique_name(gm, node.name))
+        elif (node.op == "call_function" and node.target in _CLAMP_FUNCTIONS) or (
+                node.op == "call_method" and node.target in _CLAMP_METHODS):
+            low, high = clamp_bounds(node, gm)
+            act = nn.ReLU() if high is None else nn.Hardtanh(0.0, float(high))
+            _replace_with_module(gm, node, act, _unique_name(gm, node.name))
         elif node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
             _bypass(gm, node)
         elif node.op == "call_function" and node.target in _MAXPOOL_FUNCTIONS and maxpool == "avg":
