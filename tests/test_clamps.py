@@ -90,7 +90,7 @@ def test_a_clamp_below_its_cap_keeps_the_calibrated_threshold():
     calib = torch.randn(256, 4) * 0.1  # activations well below 6
     snn = eclsnn.convert(model, calibration=calib)
     theta = float(snn.neurons()[0][1].theta)
-    assert theta == pytest.approx(float(F.relu6(model.fc1(calib)).max()), rel=1e-6) and theta < 6
+    assert theta == pytest.approx(float(F.relu6(model.fc1(calib)).max().detach()), rel=1e-6) and theta < 6
 
 
 @pytest.mark.parametrize("make,why", [
