@@ -93,6 +93,23 @@ def _upper_bound(mod: nn.Module) -> float | None:
     return float(mod.max_val) if isinstance(mod, nn.Hardtanh) else None
 
 
+def _check_values(model: nn.Module) -> None:
+    """Refuse parameters and floating-point buffers with NaN or infinite values, and BatchNorm layers with a
+    negative running variance: each would turn into wrong spikes without an error."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ConversionError(f"parameter {name!r} contains NaN or infinite values; the model cannot be converted")
+    for name, b in model.named_buffers():
+        if b.is_floating_point() and not torch.isfinite(b).all():
+            raise ConversionError(f"buffer {name!r} is not finite (NaN or infinite values); the model cannot be converted "
+                                  "(for BatchNorm statistics: recompute them on training data)")
+    for name, mod in model.named_modules():
+        var = getattr(mod, "running_var", None) if isinstance(mod, nn.modules.batchnorm._BatchNorm) else None
+        if var is not None and (var < 0).any():
+            raise ConversionError(f"buffer '{name}.running_var' holds a negative variance ({float(var.min()):.4g}); "
+                                  "the model cannot be converted (recompute the BatchNorm statistics on training data)")
+
+
 def _activation_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _ACTIVATION_MODULES)]
 
@@ -155,9 +172,7 @@ def convert(
             raise ConversionError(f"{name} must be a finite number (in units of theta), got {value!r}")
     if theta_neg >= 1:
         raise ConversionError(f"theta_neg must be below 1 (the positive threshold, in units of theta), got {theta_neg}")
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise ConversionError(f"parameter {name!r} contains NaN or infinite values; the model cannot be converted")
+    _check_values(model)
 
     gm = trace(model)
     check_convertible(gm, maxpool)

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from eclsnn.errors import ConfigError
-from eclsnn.core.functional import LAMBDA_MIN, threshold_clip
+from eclsnn.core.functional import LAMBDA_MIN, check_levels, threshold_clip
 from eclsnn._util import DEFAULT_INIT_THRESHOLD
 
 __all__ = ["ThresholdClip", "channel_view"]
@@ -51,8 +51,7 @@ class ThresholdClip(LazyModuleMixin, nn.Module):
         shift: float = 0.5,
     ):
         super().__init__()
-        if levels is not None and (int(levels) != levels or levels < 0):
-            raise ConfigError(f"levels must be a non-negative integer or None, got {levels!r}")
+        levels = check_levels(levels)
         if not init_threshold > 0:
             raise ConfigError(f"init_threshold must be positive, got {init_threshold!r}")
         self.levels = int(levels) if levels else None

@@ -32,6 +32,23 @@ __all__ = [
 #: clip's "positivity of λ" row). The gradient still reaches the raw parameter, so a λ pushed below it can recover.
 LAMBDA_MIN = 1e-3
 
+#: The most quantisation levels L a clip may have: z·L/λ and its floor are exact in float32 only up to
+#: 2^24, and the C kernels take L as a 64-bit integer (a larger value would wrap around).
+MAX_LEVELS = 2**24
+
+
+def check_levels(levels) -> int | None:
+    """``levels`` as an int (None or 0: unquantised → None), or a ConfigError: a non-negative integer of at
+    most :data:`MAX_LEVELS`."""
+    if levels is None:
+        return None
+    if isinstance(levels, bool) or int(levels) != levels or levels < 0:
+        raise ConfigError(f"levels must be a non-negative integer or None, got {levels!r}")
+    if levels > MAX_LEVELS:
+        raise ConfigError(f"levels = {levels} is more than the {MAX_LEVELS} (2^24) quantisation levels float32 can "
+                          "resolve; use levels = None (or 0) for the unquantised clip")
+    return int(levels) or None
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # The clip is computed in fp32 even under autocast (fp16 cannot hold floor(z·L/λ) ties).
@@ -136,9 +153,8 @@ def threshold_clip(z: torch.Tensor, lam: torch.Tensor | float, levels: int | Non
     """
     if not torch.is_tensor(lam):
         lam = torch.tensor(float(lam), device=z.device)
-    if levels is not None and (int(levels) != levels or levels < 0):
-        raise ConfigError(f"levels must be a non-negative integer or None, got {levels!r}")
-    levels, shift = (int(levels) if levels else None), float(shift)
+    levels = check_levels(levels)
+    shift = float(shift)
     if lam.device == z.device and (levels is None or shift >= 0):
         zc = z.to(_compute_dtype(z.dtype))
         if backends.use_fused_cpu(backend, zc, lam):
