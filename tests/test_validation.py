@@ -53,3 +53,19 @@ def test_the_largest_levels_still_work_on_every_backend():
         ref = threshold_clip(z, torch.tensor(1.0), levels=2**24)
     assert torch.equal(outs[0], ref)
     assert torch.allclose(ref, z.clamp(0, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("node,field,value", [("2", "weight", float("nan")), ("0", "bias", float("inf"))])
+def test_from_nir_refuses_non_finite_weights_and_biases(node, field, value):
+    pytest.importorskip("nir")
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), eclsnn.ThresholdClip(levels=4), nn.Linear(5, 3)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = eclsnn.to_nir(eclsnn.convert(model, neuron="if"), torch.zeros(1, 4))
+    assert eclsnn.from_nir(graph) is not None  # the unmodified graph imports
+    getattr(graph.nodes[node], field).flat[0] = value
+    with pytest.raises(ConversionError, match=f"'{node}.{field}' holds NaN or infinite values"):
+        eclsnn.from_nir(graph)

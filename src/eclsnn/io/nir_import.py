@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
 import re
@@ -355,7 +356,20 @@ def from_nir(graph) -> SpikingNetwork:
         return read_nir(graph)
     if not isinstance(graph, nir.NIRGraph):
         raise ConversionError(f"expected a nir.NIRGraph or the path of a .nir file, got {type(graph).__name__}")
-    return _Importer(graph).run()
+    return _check_imported(_Importer(graph).run())
+
+
+def _check_imported(snn: SpikingNetwork) -> SpikingNetwork:
+    """Refuse an imported network with non-finite weights, biases or buffers, or a neuron whose v_init is
+    not finite (a file may hold anything; a NaN would only show as wrong spikes)."""
+    for name, t in [*snn.named_parameters(), *snn.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ConversionError(f"the NIR graph's {name.removeprefix('graph_module.')!r} holds NaN or infinite values; "
+                                  "the network cannot be imported")
+    for name, neuron in snn.neurons():
+        if not math.isfinite(neuron.v_init):
+            raise ConversionError(f"the NIR graph's neuron layer {name!r} has v_init = {neuron.v_init}; it must be finite")
+    return snn
 
 
 
