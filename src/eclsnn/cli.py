@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     except EclsnnError as exc:
         print(f"eclsnn: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused (full disk, permissions, a path in the way): one line
+        print(f"eclsnn: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("eclsnn: interrupted", file=sys.stderr)
         return 130

@@ -15,14 +15,14 @@ from torch import nn
 
 from eclsnn._util import atomic_write_json
 from eclsnn.config import DataConfig
-from eclsnn.errors import SimulationError
+from eclsnn.errors import ConfigError, SimulationError
 from eclsnn.io.snn_folder import SNN_SPEC, SNN_THRESHOLDS, convert_kwargs, is_snn_folder, load_ann, load_snn, save_snn
 from eclsnn.recipes.variants import DEMO_VARIANTS
 from eclsnn.simulation import SpikingNetwork, check_time_steps, simulate
 
 __all__ = [
     "load_split", "eval_loader", "calibration_batches", "load_ann", "convert_kwargs", "save_snn", "load_snn",
-    "evaluate_variants", "format_table", "plot_accuracy_vs_t", "write_json", "DEMO_VARIANTS", "is_snn_folder",
+    "evaluate_variants", "format_table", "check_output", "plot_accuracy_vs_t", "write_json", "DEMO_VARIANTS", "is_snn_folder",
     "SNN_SPEC", "SNN_THRESHOLDS",
 ]
 
@@ -129,6 +129,26 @@ def plot_accuracy_vs_t(results: dict[str, Any], path: str | os.PathLike, title: 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def check_output(path: str | os.PathLike, folder: bool = False, what: str = "output") -> Path:
+    """Check, before any long work, that ``path`` can be written: a file (or with ``folder`` a folder) whose
+    existing part is not a file in the way and whose nearest existing folder is writable. A ConfigError
+    says what is wrong and what to do."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise ConfigError(f"{what} {path} is a file, not a folder; choose another path")
+        if not folder and path.is_dir():
+            raise ConfigError(f"{what} {path} is a folder; give a file name")
+    parent = path.parent if not path.exists() else path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {path} cannot be written: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path} cannot be written: {parent} is not writable; choose another path")
+    return path
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -14,7 +14,7 @@ from eclsnn.config import Config
 from eclsnn.conversion.converter import convert
 from eclsnn.core.clip import ThresholdClip
 from eclsnn.io.checkpoint import Checkpoint
-from eclsnn.recipes.common import calibration_batches, convert_kwargs, load_ann, save_snn
+from eclsnn.recipes.common import calibration_batches, check_output, convert_kwargs, load_ann, save_snn
 from eclsnn.recipes.settings import layered_config
 from eclsnn.simulation import SpikingNetwork
 
@@ -64,7 +64,7 @@ def convert_to_folder(checkpoint: str | os.PathLike, output: str | os.PathLike |
     model, ckpt = load_ann(checkpoint)
     cfg = layered_config(overrides, config_path, ckpt.meta.get("config"))
     kwargs = convert_kwargs(cfg.convert)
+    out = check_output(Path(output) if output else ckpt.path.parent.parent / f"snn-{kwargs['neuron']}", folder=True)
     snn = convert_checkpoint(model, ckpt, cfg)[kwargs["neuron"]]
-    out = Path(output) if output else ckpt.path.parent.parent / f"snn-{kwargs['neuron']}"
     save_snn(out, ckpt.path, snn, kwargs)
     return out, snn, kwargs, ckpt

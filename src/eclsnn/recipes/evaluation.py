@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from eclsnn.config import Config
-from eclsnn.recipes.common import (eval_loader, evaluate_variants, format_table, is_snn_folder, load_ann, load_snn,
-                                   load_split, write_json)
+from eclsnn.recipes.common import (check_output, eval_loader, evaluate_variants, format_table, is_snn_folder, load_ann,
+                                   load_snn, load_split, write_json)
 from eclsnn.recipes.settings import layered_config
 from eclsnn.recipes.conversion import convert_checkpoint
 from eclsnn.simulation import SpikingNetwork
@@ -39,6 +39,7 @@ def run_evaluate(checkpoint: str | os.PathLike, overrides: dict[str, Any] | None
         variant = cfg.convert.neuron
         snn = convert_checkpoint(model, ckpt, cfg, device=device)[variant]
         default_json = ckpt.path.parent.parent / "evaluation.json"
+    json_path = check_output(json_out or default_json, what="results file")
     e = cfg.evaluate
     seed = ckpt.meta.get("seed", cfg.train.seed)
     dataset, indices = load_split(cfg.data, e.split, seed, e.max_samples)
@@ -50,7 +51,7 @@ def run_evaluate(checkpoint: str | os.PathLike, overrides: dict[str, Any] | None
     log(format_table(results))
     if adaptive:
         results["adaptive"] = adaptive_vs_fixed(snn, cfg, seed, loader, e.time_steps, max_accuracy_loss, device, log)
-    out = write_json(json_out or default_json, results)
+    out = write_json(json_path, results)
     return results, out
 
 

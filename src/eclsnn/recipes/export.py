@@ -13,7 +13,7 @@ import torch
 from eclsnn.data import DATASETS, resolve_name
 from eclsnn.io.checkpoint import Checkpoint
 from eclsnn.io.export import export_json, export_npz
-from eclsnn.recipes.common import is_snn_folder, load_ann, load_snn
+from eclsnn.recipes.common import check_output, is_snn_folder, load_ann, load_snn
 from eclsnn.recipes.settings import layered_config
 from eclsnn.recipes.conversion import convert_checkpoint
 
@@ -40,13 +40,15 @@ def run_export(checkpoint: str | os.PathLike, fmt: str = "npz", output: str | os
     """Write the SNN of ``checkpoint`` as ``fmt`` to ``output`` (default ``RUN/snn.<fmt>``). Returns
     ``(path, snn, notes)``: for NIR, the messages of what lives only in its metadata (other warnings
     are shown as usual)."""
+    if output is not None:
+        check_output(output)
     if is_snn_folder(checkpoint):
         snn, _, ckpt, _ = load_snn(checkpoint)
     else:
         model, ckpt = load_ann(checkpoint)
         cfg = layered_config(overrides, config_path, ckpt.meta.get("config"))
         snn = convert_checkpoint(model, ckpt, cfg)[cfg.convert.neuron]
-    out = Path(output) if output else ckpt.path.parent.parent / f"snn.{fmt}"
+    out = check_output(Path(output) if output else ckpt.path.parent.parent / f"snn.{fmt}")
     notes: list[str] = []
     if fmt == "nir":
         from eclsnn.io.nir import NIRExportWarning, write_nir
