@@ -8,7 +8,9 @@ killed at any moment leaves the old file or the new one.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,20 @@ from torch import nn
 
 from eclsnn._util import atomic_write_json, atomic_write_text
 from eclsnn.config import Config, TrainConfig, config_to_dict
+from eclsnn.errors import ConfigError
 from eclsnn.io.checkpoint import save_checkpoint
 
-__all__ = ["default_run_name", "run_folder", "Progress", "write_config", "checkpoint_meta", "save_epoch",
+try:  # POSIX; elsewhere runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+def lock_file(run: Path) -> Path:
+    """The lock file of a run folder, beside it (``.<run name>.train.lock``), so the run folder holds only the
+    run (``.<run name>.lock`` is the lock of :func:`eclsnn.recipes.runs.ensure_run`, held around a train)."""
+    return run.parent / f".{run.name}.train.lock"
+
+__all__ = ["default_run_name", "run_folder", "run_lock", "lock_file", "Progress", "write_config", "checkpoint_meta", "save_epoch",
            "write_metrics", "run_summary", "write_summary"]
 
 
@@ -31,6 +44,33 @@ def default_run_name(cfg: Config) -> str:
 def run_folder(cfg: Config) -> Path:
     """``train.output / (train.run_name or default_run_name(cfg))``."""
     return Path(cfg.train.output) / (cfg.train.run_name or default_run_name(cfg))
+
+
+@contextlib.contextmanager
+def run_lock(run: Path, enabled: bool = True):
+    """Hold the run folder's lock while training writes into it: an OS lock (flock), which the system
+    releases when the process dies, so a killed run can be resumed at once. A second ``train`` on the same
+    folder gets a ConfigError naming the holder's pid."""
+    if not enabled or fcntl is None:
+        yield
+        return
+    run.parent.mkdir(parents=True, exist_ok=True)
+    f = open(lock_file(run), "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise ConfigError(f"run folder {run} is being written by another eclsnn train (pid {holder}); wait for it "
+                              "to finish, or choose another train.run_name / train.output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # (closing releases the lock)
 
 
 @dataclass

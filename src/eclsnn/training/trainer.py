@@ -55,6 +55,7 @@ from eclsnn.training.run_files import (
     checkpoint_meta,
     default_run_name,
     run_folder,
+    run_lock,
     run_summary,
     save_epoch,
     write_config,
@@ -288,7 +289,8 @@ def train(cfg: Config) -> Path:
             torch.backends.cudnn.benchmark = True
         else:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        return trainer.run_training()
+        with run_lock(trainer.run, enabled=ddp.is_main):
+            return trainer.run_training()
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         ddp.close()
