@@ -22,10 +22,6 @@ def resolve(backend: str | None = None) -> str:
     return check_backend(default_backend() if backend is None else backend)
 
 
-def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
-
-
 def use_fused_cpu(backend: str | None, data: torch.Tensor, param: torch.Tensor, autograd: bool = False) -> bool:
     """Whether the fused CPU kernels run an op on ``data`` (one step of the neurons' input, or the
     clip's input) with ``param`` (θ or λ: a scalar or one value per channel of dim 1) under ``backend``
@@ -43,7 +39,7 @@ def use_fused_cpu(backend: str | None, data: torch.Tensor, param: torch.Tensor, 
         return False
     if param.device.type != "cpu" or (param.numel() != 1 and (data.dim() < 2 or param.numel() != data.shape[1])):
         return False
-    if not _dense(data):
+    if not cpu.is_dense(data):
         return False
     if name == "fused-cpu":
         if not cpu.built(warn=False):

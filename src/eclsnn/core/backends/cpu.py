@@ -39,7 +39,7 @@ import torch
 from eclsnn.errors import BackendError
 from eclsnn.core.backends.selection import default_backend, env_backend, reference_only
 
-__all__ = ["available", "built", "enabled", "reference_only", "openmp", "build_error", "supports", "neuron_run",
+__all__ = ["available", "built", "enabled", "reference_only", "openmp", "build_error", "is_dense", "neuron_run",
            "neuron_pool_run", "clip_forward", "clip_backward"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
@@ -180,16 +180,6 @@ def build_error() -> str | None:
     return _error
 
 
-def supports(*tensors: torch.Tensor) -> bool:
-    """Whether these tensors can go through the kernels: CPU, one float32/float64 dtype, kernels built."""
-    t0 = tensors[0]
-    if t0.device.type != "cpu" or t0.dtype not in (torch.float32, torch.float64):
-        return False
-    if any(t.device.type != "cpu" or t.dtype != t0.dtype for t in tensors[1:]):
-        return False
-    return available()
-
-
 def _threads(n: int) -> int:
     """Threads for a job of n elements: torch's setting, one for small jobs."""
     return 1 if n < _MIN_PER_THREAD else max(1, torch.get_num_threads())
@@ -207,7 +197,7 @@ def _suffix(t: torch.Tensor) -> str:
 
 # ---- layout --------------------------------------------------------------------------------------
 
-def _is_dense(t: torch.Tensor) -> bool:
+def is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense (every element once, no gaps), in any dimension order."""
     return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
@@ -227,15 +217,6 @@ def _channels(t: torch.Tensor) -> tuple[int, int]:
 def _theta_arg(theta: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
     th = theta.detach().to(dtype).reshape(-1).contiguous()
     return th, th.numel()
-
-
-def step_layout(x_seq: torch.Tensor) -> torch.Tensor | None:
-    """One step of ``x_seq`` ``[T, B, ...]`` if every step is a dense block the kernels can read
-    (consecutive steps at a fixed stride, or the same block every step); else None."""
-    y = x_seq[0]
-    if not _is_dense(y):
-        return None
-    return y
 
 
 # ---- neurons -------------------------------------------------------------------------------------
