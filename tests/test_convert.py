@@ -293,15 +293,28 @@ def _clip():
     return ThresholdClip(levels=4, init_threshold=1.0)
 
 
-def test_max_pooling_is_an_error_by_default_and_replaced_on_request():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), _clip(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+def test_max_pooling_on_time_varying_input_is_an_error_by_default_and_replaced_on_request():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), _clip(), nn.Conv2d(4, 4, 3, padding=1), _clip(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     with pytest.raises(ConversionError) as info:
         convert(model)
     msg = str(info.value)
-    assert "2 (MaxPool2d)" in msg and "maxpool='avg'" in msg
+    assert "  - 4: max pooling on time-varying input" in msg and "maxpool='auto'" in msg and "'avg'" in msg
     snn = convert(model, maxpool="avg")
-    assert isinstance(snn.graph_module.get_submodule("2"), nn.AvgPool2d)
+    assert isinstance(snn.graph_module.get_submodule("4"), nn.AvgPool2d)
     assert simulate(snn, torch.randn(2, 1, 8, 8), 2).shape == (2, 2, 3)
+
+
+def test_max_pooling_after_the_first_activation_converts_exactly_by_default():
+    # conv → clip → max pool on the input image: the pool moves in front of the clip, where its input is
+    # static (computed once), so the default converts it without approximation
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), _clip(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    snn = convert(model)
+    assert snn.settings["maxpool_modes"] == {"2": "swap"}
+    x = torch.randn(2, 1, 8, 8)
+    ref = convert(model, maxpool="cummax")
+    assert torch.equal(simulate(snn, x, 6), simulate(ref, x, 6))  # swap = counting the spikes: same numbers
 
 
 def test_functional_max_pooling_is_an_error_too():
@@ -310,9 +323,11 @@ def test_functional_max_pooling_is_an_error_too():
             super().__init__()
             self.c = nn.Conv2d(1, 2, 3, padding=1)
             self.a = _clip()
+            self.c2 = nn.Conv2d(2, 2, 1)
+            self.a2 = _clip()
 
         def forward(self, x):
-            return F.max_pool2d(self.a(self.c(x)), 2).flatten(1)
+            return F.max_pool2d(self.a2(self.c2(self.a(self.c(x)))), 2).flatten(1)
 
     with pytest.raises(ConversionError, match=r"max_pool2d"):
         convert(M())

@@ -211,6 +211,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         theta = neuron.theta
         shown = f"{theta.item():.4g}" if theta.dim() == 0 else f"{theta.min().item():.4g}..{theta.max().item():.4g} ({theta.numel()} ch)"
         print(f"  {name:<32} θ = {shown}")
+    for name, mode in snn.settings.get("maxpool_modes", {}).items():
+        print(f"  {name:<32} max pool: {mode}")
     return 0
 
 

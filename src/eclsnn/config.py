@@ -149,7 +149,7 @@ class ConvertConfig:
     neuron: str = "dual"  # "if" or "dual" (dual-threshold IF neuron)
     v_init: float = 0.5  # initial membrane potential as a fraction of θ (0.5: the paper's θ/2)
     theta_neg: float = 0.0  # negative threshold of the dual neuron, as a fraction of θ
-    maxpool: str = "error"  # policy for max pooling, which has no exact spiking form
+    maxpool: str = "error"  # max pooling: "error" (exact modes only), "auto", "swap", "cummax", "avg" (docs/METHOD.md)
     threshold_rule: str = "max"  # how θ is set for layers without a learned λ (ReLU networks)
     percentile: float = 99.9  # used by threshold_rule = "percentile"
     calibration_batches: int = 8

@@ -19,6 +19,8 @@ __all__ = ["E_AC_PJ", "E_MAC_PJ", "SPIKES", "POOLED", "ANALOG_ONCE", "ANALOG", "
 #: Energy per accumulate (one synaptic operation) and per multiply-accumulate, 45 nm (Horowitz 2014).
 E_AC_PJ = 0.9
 E_MAC_PJ = 4.6
+#: energy of one comparison of the spiking max pool (a 32-bit integer add, 45 nm; Horowitz 2014)
+E_CMP_PJ = 0.1
 
 SPIKES, POOLED, ANALOG_ONCE, ANALOG = "spikes", "pooled spikes", "analog input (once)", "analog (per step)"
 

@@ -38,9 +38,10 @@ signed mean, in the activation's units and in units of θ.
 - ANN MACs: per synaptic layer ``output elements × (fan-in of one output)``; pooling, BatchNorm,
   additions and bias terms are counted neither for the ANN nor for the SNN.
 - Neuron updates: one per neuron per step (reported, not included in the energy).
-- Energy: ``E_AC = 0.9 pJ`` per SOP, ``E_MAC = 4.6 pJ`` per MAC (45 nm, Horowitz 2014).
+- Energy: ``E_AC = 0.9 pJ`` per SOP, ``E_MAC = 4.6 pJ`` per MAC (45 nm, Horowitz 2014); a spiking max pool
+  (``maxpool="cummax"``) adds ``E_CMP = 0.1 pJ`` per comparison, (window − 1) per output element per step.
 
-Errors and spikes are observed with :func:`eclsnn.simulation.observe_neurons`, an observer registered on
+Errors and spikes are observed by an observer (:meth:`eclsnn.simulation.SpikingNetwork.add_observer`) registered on
 the network's executor (the simulator calls each neuron's ``multi_step`` directly, not through
 ``__call__``, so ``nn.Module`` forward hooks do not see it); operations by
 forward (pre-)hooks on the synaptic and pooling modules. Nothing about the simulation changes.
@@ -49,15 +50,18 @@ forward (pre-)hooks on the synaptic and pooling modules. Nothing about the simul
 from __future__ import annotations
 
 from collections.abc import Iterable
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from eclsnn.errors import SimulationError
+from eclsnn.core.clip import channel_view
 from eclsnn.core.neurons import SpikingNeuron
-from eclsnn.simulation import SpikingNetwork, check_time_steps, observe_neurons, simulate
-from eclsnn.analysis.counting import E_AC_PJ, E_MAC_PJ, POOLED, _OpCounter
+from eclsnn.core.pooling import SpikingMaxPool
+from eclsnn.simulation import SpikingNetwork, check_time_steps, simulate
+from eclsnn.analysis.counting import E_AC_PJ, E_CMP_PJ, E_MAC_PJ, POOLED, _OpCounter
 
 __all__ = ["ERRORS", "quantized_reference", "layer_errors", "analyze"]
 
@@ -126,6 +130,7 @@ class _NeuronRecorder:
         self.elements += i_mean.numel()
         self.positive += int(torch.count_nonzero(out > 0))
         self.negative += int(torch.count_nonzero(out < 0))
+        return i_mean
 
     def result(self) -> dict[str, Any]:
         n = max(self.elements, 1)
@@ -155,6 +160,52 @@ class _NeuronRecorder:
         }
 
 
+class _PoolRecorder:
+    """Accumulates the error of one spiking max pool (``maxpool="cummax"``). Against its own input it is
+    exact by construction (``r_out = maxpool(r_in)``, checked as ``self``); against the ANN it is not:
+    ``bias = r_out − maxpool(clamp(Ī, 0, θ))``, with Ī the mean current of the neuron layer that feeds it,
+    is what the maximum of noisy spike counts adds over the maximum of the clipped activations the
+    ANN pools (its input layer's own errors included, passed through the max). Negative outputs are the
+    retractions (−θ) that follow a dual-threshold input's early spikes."""
+
+    def __init__(self, name: str, pool, source: str | None):
+        self.name, self.pool, self.source = name, pool, source
+        self.sums = {"self": 0.0, "bias.abs": 0.0, "bias.signed": 0.0}
+        self.elements = self.positive = self.negative = 0
+        self.time_steps = 0
+        self.outputs_per_sample = 0
+
+    @torch.no_grad()
+    def __call__(self, x_seq: torch.Tensor, out: torch.Tensor, source_mean: torch.Tensor | None) -> None:
+        T = x_seq.shape[0]
+        self.time_steps = T
+        self.outputs_per_sample = out[0, 0].numel()
+        r_out = _time_mean(out)
+        self.sums["self"] = max(self.sums["self"], float((r_out - self.pool._pool_float(_time_mean(x_seq))).abs().max()))
+        if source_mean is not None:
+            theta = channel_view(self.pool.theta.to(x_seq.dtype), x_seq.dim() - 1)
+            bias = r_out - self.pool._pool_float(torch.minimum(source_mean.clamp(min=0), theta.expand_as(source_mean)))
+            self.sums["bias.abs"] += float((bias / theta).abs().sum())
+            self.sums["bias.signed"] += float((bias / theta).sum())
+        self.elements += r_out.numel()
+        self.positive += int(torch.count_nonzero(out > 0))
+        self.negative += int(torch.count_nonzero(out < 0))
+
+    def result(self) -> dict[str, Any]:
+        n = max(self.elements, 1)
+        steps = max(self.elements * self.time_steps, 1)
+        has_bias = self.source is not None
+        return {
+            "name": self.name, "source": self.source, "outputs_per_sample": self.outputs_per_sample,
+            "self_error_max": self.sums["self"],
+            "bias": {"mean_abs_theta": self.sums["bias.abs"] / n if has_bias else None,
+                     "mean_theta": self.sums["bias.signed"] / n if has_bias else None},
+            "firing_rate": {"positive": self.positive / steps, "negative": self.negative / steps},
+            # comparisons per image: each output element compares its window at every step
+            "comparisons": self.outputs_per_sample * (math.prod(self.pool.kernel_size) - 1) * self.time_steps,
+        }
+
+
 def _time_mean(seq: torch.Tensor) -> torch.Tensor:
     """Mean over the first (time) dimension, one in-place add per step (a reduction over dim 0 of a
     channels-last tensor is several times slower)."""
@@ -165,6 +216,35 @@ def _time_mean(seq: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the analysis ---------------------------------------------------------------------------------
+
+def _pool_recorders(snn: SpikingNetwork) -> dict[str, _PoolRecorder]:
+    gm = snn.graph_module
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), SpikingMaxPool):
+            src = node.args[0]
+            single = src.op == "call_module" and isinstance(gm.get_submodule(src.target), SpikingNeuron)
+            out[node.target] = _PoolRecorder(node.target, gm.get_submodule(node.target), src.target if single else None)
+    return out
+
+
+class _Observer:
+    """The executor observer of one variant: neuron layers go to their recorders; spiking max pools to
+    theirs, with the mean current of the neuron layer that feeds them (kept for this sub-batch only)."""
+
+    def __init__(self, neurons: dict[str, _NeuronRecorder], pools: dict[str, _PoolRecorder]):
+        self.neurons, self.pools = neurons, pools
+        self.sources = {p.source for p in pools.values() if p.source}
+        self.means: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name, node, x_seq, out) -> None:
+        if name in self.neurons:
+            mean = self.neurons[name](x_seq, out)
+            if name in self.sources:
+                self.means[name] = mean
+        elif name in self.pools:
+            pool = self.pools[name]
+            pool(x_seq, out, self.means.pop(pool.source, None) if pool.source else None)
 
 @torch.no_grad()
 def analyze(
@@ -181,6 +261,7 @@ def analyze(
     if not variants:
         raise SimulationError("no SNN variants to analyse")
     recorders = {v: {name: _NeuronRecorder(name, neuron) for name, neuron in snn.neurons()} for v, snn in variants.items()}
+    pools = {v: _pool_recorders(snn) for v, snn in variants.items()}
     counters = {v: _OpCounter(snn) for v, snn in variants.items()}
     correct = {v: 0 for v in variants}
     correct_ann = total = 0
@@ -193,15 +274,19 @@ def analyze(
         if model is not None:
             correct_ann += (model(x).argmax(-1) == y).sum().item()
         for v, snn in variants.items():
-            with observe_neurons(snn, lambda name, x, out, _r=recorders[v]: _r[name](x, out)), counters[v]:
-                out = simulate(snn, x, T)
+            handle = snn.add_observer(_Observer(recorders[v], pools[v]))
+            try:
+                with counters[v]:
+                    out = simulate(snn, x, T)
+            finally:
+                handle.remove()
             correct[v] += (out[-1].argmax(-1) == y.to(out.device)).sum().item()
         total += y.shape[0]
     if total == 0:
         raise SimulationError("no samples to analyse")
 
     results: dict[str, Any] = {
-        "num_samples": total, "time_steps": T, "energy_pj": {"E_AC": E_AC_PJ, "E_MAC": E_MAC_PJ},
+        "num_samples": total, "time_steps": T, "energy_pj": {"E_AC": E_AC_PJ, "E_MAC": E_MAC_PJ, "E_CMP": E_CMP_PJ},
         "ann_accuracy": correct_ann / total if model is not None else None, "variants": {},
     }
     for v, snn in variants.items():
@@ -214,9 +299,21 @@ def analyze(
                 "name": name, "input": kind, "ann_macs": st["ann_macs"], "snn_sops": st["snn_sops"] / total,
                 "snn_macs": st["snn_macs"] / total, "snn_sops_pool_folded": folded,
             })
+        pooled = [r.result() for r in pools[v].values()]
+        totals = _totals(neurons, synapses, T)
+        if pooled:  # the spiking max pools' comparisons are part of the SNN's energy
+            cmp = sum(p["comparisons"] for p in pooled)
+            totals["pool_comparisons"] = cmp
+            for key in ("snn_energy_uj", "snn_energy_uj_pool_folded"):
+                if key in totals:
+                    totals[key] += E_CMP_PJ * cmp * 1e-6
+            e_ann = totals["ann_energy_uj"]
+            totals["energy_ratio_snn_ann"] = totals["snn_energy_uj"] / e_ann if e_ann else None
+            if "snn_energy_uj_pool_folded" in totals:
+                totals["energy_ratio_snn_ann_pool_folded"] = totals["snn_energy_uj_pool_folded"] / e_ann if e_ann else None
         results["variants"][v] = {
             "settings": dict(snn.settings), "snn_accuracy": correct[v] / total,
-            "neurons": neurons, "synapses": synapses, "totals": _totals(neurons, synapses, T),
+            "neurons": neurons, "synapses": synapses, "pools": pooled, "totals": totals,
         }
     return results
 

@@ -42,6 +42,22 @@ def format_analysis(results: dict[str, Any]) -> str:
             cells = [f"{n['errors'][k]['mean_abs_theta']:.4f} ({n['errors'][k]['mean_theta']:+.4f})" for k in ERRORS]
             lines.append(f"| {v} | {n['name']} | {_theta_str(n['theta'])} | " + " | ".join(cells)
                          + f" | {100 * n['clipped_fraction']:.2f}% | {n['firing_rate']['positive']:.4f} | {n['firing_rate']['negative']:.4f} |")
+    pools = [(v, p) for v, res in results["variants"].items() for p in res.get("pools", [])]
+    if pools:
+        lines += [
+            "",
+            f"Spiking max pools (maxpool='cummax') at T = {T}: `self` is the largest |r_out − maxpool(r_in)| (0: exact on "
+            "the SNN's own counts); `bias` is r_out − maxpool(clamp(Ī, 0, θ)) of the neuron layer feeding it, in units of θ, "
+            "mean |·| (signed mean); rate − counts the retractions.",
+            "",
+            "| variant | pool | fed by | self | bias | rate + | rate − | comparisons |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for v, p in pools:
+            b = p["bias"]
+            bias = "–" if b["mean_abs_theta"] is None else f"{b['mean_abs_theta']:.4f} ({b['mean_theta']:+.4f})"
+            lines.append(f"| {v} | {p['name']} | {p['source'] or 'concatenation'} | {p['self_error_max']:.2g} | {bias} | "
+                         f"{p['firing_rate']['positive']:.4f} | {p['firing_rate']['negative']:.4f} | {_si(p['comparisons'])} |")
     lines += [
         "",
         f"Operations per image over T = {T} steps (ANN: one pass).",

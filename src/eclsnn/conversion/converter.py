@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 import torch.fx as fx
@@ -22,9 +23,13 @@ from eclsnn.core.functional import LAMBDA_MIN
 from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron
 from eclsnn.simulation.network import SpikingNetwork
 from eclsnn._util import DEFAULT_INIT_THRESHOLD
-from eclsnn.conversion.graph import _ACTIVATION_MODULES, MAXPOOL_POLICIES, check_convertible, normalise, trace
+from eclsnn.conversion.graph import _ACTIVATION_MODULES, check_convertible, normalise, replace_with_module, trace, unique_name
+from eclsnn.conversion.maxpool import (
+    MAXPOOL_POLICIES, PREPARE_MAXPOOL_POLICIES, apply_swaps, input_theta, plan_convert, plan_prepare, pool_arguments,
+)
+from eclsnn.core.pooling import SpikingMaxPool
 
-__all__ = ["convert", "prepare", "trace", "fold_batchnorm", "NEURONS", "MAXPOOL_POLICIES"]
+__all__ = ["convert", "prepare", "trace", "fold_batchnorm", "NEURONS", "MAXPOOL_POLICIES", "PREPARE_MAXPOOL_POLICIES"]
 
 NEURONS = {"dual": DualThresholdIFNeuron, "if": IFNeuron}
 
@@ -110,6 +115,26 @@ def _check_values(model: nn.Module) -> None:
                                   "the model cannot be converted (recompute the BatchNorm statistics on training data)")
 
 
+def _warn_approximate(pools) -> None:
+    approx = [d for d in pools if d.mode in ("avg", "swap") and not d.exact]
+    if approx:
+        names = ", ".join(f"{d.name} ({d.mode})" for d in approx)
+        warnings.warn(f"max pooling converted approximately: {names}; {approx[0].why}. The SNN will not match the ANN "
+                      "exactly there (docs/METHOD.md, 'Max pooling', gives the measured cost; fine-tune after 'avg').",
+                      stacklevel=3)
+
+
+def _spiking_pool(gm: fx.GraphModule, node: fx.Node, step_mode: str) -> None:
+    """Replace the max pool ``node`` (its input now a neuron layer) by a spiking max pool of its spike counts."""
+    args = pool_arguments(node, gm)
+    pool = SpikingMaxPool(input_theta(node, gm).detach().cpu(), args["kernel_size"], args["stride"], args["padding"],
+                          args["ceil_mode"], args["dims"], step_mode=step_mode)
+    if node.op == "call_module":
+        gm.add_submodule(node.target, pool)
+    else:
+        replace_with_module(gm, node, pool, unique_name(gm, node.name))
+
+
 def _activation_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _ACTIVATION_MODULES)]
 
@@ -149,7 +174,12 @@ def convert(
         neuron: ``"dual"`` (dual-threshold, signed spikes) or ``"if"``.
         v_init: initial membrane potential in units of θ (0.5 = θ/2, the paper's choice).
         theta_neg: negative threshold of the dual-threshold neuron, in units of θ.
-        maxpool: ``"error"`` (default) or ``"avg"`` (replace max pooling by average pooling).
+        maxpool: what to do with max pooling (docs/METHOD.md, "Max pooling"): ``"error"`` (default) converts
+            the pools that are exact in the SNN (their input is static, possibly after moving them in front
+            of the activation before them) and refuses the others; ``"auto"``: those, else the spiking max
+            pool; ``"swap"``: move each pool in front of its activation (biased on time-varying input);
+            ``"cummax"``: the spiking max pool on spike counts; ``"avg"``: average pooling (warns; fine-tune
+            after it). The returned network's ``settings["maxpool_modes"]`` names the mode of each pool.
         calibration: input data for ReLU thresholds: a tensor ``[N, ...]`` or an iterable of batches.
         threshold_rule: ``"max"`` or ``"percentile"`` of the ReLU outputs on the calibration data.
         percentile: the percentile for ``threshold_rule="percentile"``.
@@ -175,9 +205,10 @@ def convert(
     _check_values(model)
 
     gm = trace(model)
-    check_convertible(gm, maxpool)
-    normalise(gm, maxpool)
+    check_convertible(gm)
+    normalise(gm)
     fold_batchnorm(gm)
+    pools = plan_convert(gm, maxpool)
 
     acts = _activation_nodes(gm)
     if not acts:
@@ -199,7 +230,9 @@ def convert(
             )
         device = next((p.device for p in gm.parameters()), None)
         stats = ActivationStatistics(relus, threshold_rule, percentile, threshold_granularity)
-        thetas.update(stats.run(gm, calibration, device))
+        thetas.update(stats.run(gm, calibration, device))  # before any swap: each ReLU's own outputs
+    _warn_approximate(pools)
+    apply_swaps(gm, pools)
     for node in acts:
         mod = gm.get_submodule(node.target)
         theta = mod.threshold if isinstance(mod, ThresholdClip) else thetas[node.target]
@@ -211,9 +244,15 @@ def convert(
         cls = NEURONS[neuron]
         kwargs = {"theta_neg": theta_neg} if neuron == "dual" else {}
         gm.add_submodule(node.target, cls(theta.detach().cpu(), v_init=v_init, step_mode=step_mode, **kwargs).to(theta.device))
+    for d in pools:
+        if d.mode == "cummax":
+            _spiking_pool(gm, d.node, step_mode)
+    gm.graph.lint()
     gm.recompile()
     settings = dict(neuron=neuron, v_init=v_init, theta_neg=theta_neg, maxpool=maxpool, threshold_rule=threshold_rule,
                     percentile=percentile, threshold_granularity=threshold_granularity)
+    if pools:  # the mode of each max pool (the conversion report names them)
+        settings["maxpool_modes"] = {d.name: d.mode for d in pools}
     return SpikingNetwork(gm, settings)
 
 
@@ -224,6 +263,7 @@ def prepare(
     percentile: float = 99.9,
     per_channel: bool = False,
     init_threshold: float = DEFAULT_INIT_THRESHOLD,
+    maxpool: str = "swap",
 ) -> fx.GraphModule:
     """A copy of a ReLU network with each ReLU replaced by a :class:`ThresholdClip` — the way to
     fine-tune a pretrained network instead of training from scratch. Clamps to [0, c] (ReLU6,
@@ -234,9 +274,17 @@ def prepare(
     names, so a model from :func:`eclsnn.models.create` with ``activation="relu"`` prepares into one
     whose ``state_dict`` loads strictly into the same model built with ``activation="clip"``.
     The returned module is in training mode if ``model`` was.
+
+    ``maxpool``: ``"swap"`` (default) moves each max pool that directly follows an activation (its only
+    user) in front of it — exact in the ANN (max∘h = h∘max for monotone h; λ is calibrated before the
+    swap), and exact in the converted SNN where the pool's input is then static (the usual stem conv →
+    BN → ReLU → max pool); the other pools stay. ``"keep"`` leaves every pool; ``"avg"`` replaces them by
+    average pooling (as QCFS does; the fine-tuning absorbs the change); ``"error"`` refuses max pooling.
     """
+    _check_choice("maxpool", maxpool, PREPARE_MAXPOOL_POLICIES)
     gm = trace(model)
-    normalise(gm, maxpool="error")
+    normalise(gm)
+    pools = plan_prepare(gm, maxpool)
     relus = {n.target: gm.get_submodule(n.target) for n in _activation_nodes(gm) if _data_thresholded(gm.get_submodule(n.target))}
     if not relus:
         raise ConversionError("prepare() found no ReLU to replace (module nn.ReLU, F.relu, torch.relu or .relu(); "
@@ -255,6 +303,7 @@ def prepare(
             with torch.no_grad():
                 clip.threshold_raw.copy_(_positive_threshold(lam).reshape(clip.threshold_raw.shape))
         gm.add_submodule(name, clip.to(device) if device is not None else clip)
+    apply_swaps(gm, pools)  # after calibration: λ comes from each ReLU's own outputs
     gm.recompile()
     return gm.train(model.training)
 

@@ -15,10 +15,7 @@ from torch import nn
 from eclsnn.core.clip import ThresholdClip
 from eclsnn.errors import ConversionError
 
-__all__ = ["trace", "check_convertible", "normalise", "clamp_bounds", "MAXPOOL_POLICIES"]
-
-#: what conversion does with max pooling
-MAXPOOL_POLICIES = ("error", "avg")
+__all__ = ["trace", "check_convertible", "normalise", "clamp_bounds"]
 
 # ---- the allow-list: operations whose spiking meaning is known --------------------------------
 # Linear (time-invariant) modules act on each step's input exactly as in the ANN.
@@ -170,7 +167,7 @@ def _reduce_dims_ok(node: fx.Node) -> bool:
     return all(isinstance(d, int) and d != 0 for d in dims)
 
 
-def _check_node(node: fx.Node, gm: fx.GraphModule, maxpool: str) -> str | None:
+def _check_node(node: fx.Node, gm: fx.GraphModule) -> str | None:
     """Return why ``node`` is not convertible, or None."""
     if node.op in ("placeholder", "output"):
         return None
@@ -188,7 +185,7 @@ def _check_node(node: fx.Node, gm: fx.GraphModule, maxpool: str) -> str | None:
                 return "BatchNorm without running statistics (its eval output depends on the batch)"
             return None
         if isinstance(mod, _MAXPOOL_MODULES):
-            return None if maxpool == "avg" else "max pooling has no exact spiking form"
+            return None  # each pool is decided by the max-pool policy (eclsnn.conversion.maxpool)
         return "module type without a known spiking meaning"
     if node.op == "call_function":
         t = node.target
@@ -199,7 +196,7 @@ def _check_node(node: fx.Node, gm: fx.GraphModule, maxpool: str) -> str | None:
         if t in _UNSUPPORTED_FUNCTIONS:
             return f"{_UNSUPPORTED_FUNCTIONS[t]}; {_NO_SPIKING_FORM}"
         if t in _MAXPOOL_FUNCTIONS:
-            return None if maxpool == "avg" else "max pooling has no exact spiking form"
+            return None  # decided by the max-pool policy (eclsnn.conversion.maxpool)
         if t is getattr:
             return None if node.args[1] in ("shape", "ndim") else "attribute access on an activation"
         if t is operator.getitem:
@@ -232,11 +229,12 @@ def _check_node(node: fx.Node, gm: fx.GraphModule, maxpool: str) -> str | None:
     return f"unexpected graph node kind {node.op!r}"
 
 
-def check_convertible(gm: fx.GraphModule, maxpool: str = "error") -> None:
-    """Raise :class:`ConversionError` naming every node outside the allow-list."""
+def check_convertible(gm: fx.GraphModule) -> None:
+    """Raise :class:`ConversionError` naming every node outside the allow-list (max pools are allowed
+    here; :mod:`eclsnn.conversion.maxpool` decides each one)."""
     problems = []
     for node in gm.graph.nodes:
-        why = _check_node(node, gm, maxpool)
+        why = _check_node(node, gm)
         if why:
             problems.append(f"  - {_describe(node, gm)}: {why}")
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
@@ -244,11 +242,8 @@ def check_convertible(gm: fx.GraphModule, maxpool: str = "error") -> None:
         problems.append("  - output: the network must return a single tensor (the readout)")
     if problems:
         advice = []
-        if any("max pooling" in p for p in problems):
-            advice.append("for max pooling pass maxpool='avg' (replaces it by average pooling; retrain or fine-tune for "
-                          "best accuracy) or build the model with average pooling")
         advice.append("replace other operations by convertible ones (conv, linear, BatchNorm, ReLU/ThresholdClip, "
-                      "ReLU6 and clamps to [0, c], average pooling, addition, concatenation, flatten/view, dropout)")
+                      "ReLU6 and clamps to [0, c], average and max pooling, addition, concatenation, flatten/view, dropout)")
         raise ConversionError(
             "cannot convert this network to a spiking network; unsupported operations:\n"
             + "\n".join(problems) + "\nWhat to do: " + "; ".join(advice) + "."
@@ -257,7 +252,7 @@ def check_convertible(gm: fx.GraphModule, maxpool: str = "error") -> None:
 
 # ---- normalisation --------------------------------------------------------------------------------
 
-def _unique_name(gm: fx.GraphModule, base: str) -> str:
+def unique_name(gm: fx.GraphModule, base: str) -> str:
     name, k = base, 1
     while hasattr(gm, name):
         name, k = f"{base}_{k}", k + 1
@@ -269,7 +264,7 @@ def _bypass(gm: fx.GraphModule, node: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
-def _replace_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, name: str) -> fx.Node:
+def replace_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, name: str) -> fx.Node:
     gm.add_submodule(name, module)
     with gm.graph.inserting_after(node):
         new = gm.graph.call_module(name, (node.args[0],))
@@ -279,7 +274,9 @@ def _replace_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, n
     return new
 
 
-def _avgpool_like(pool_args: dict, dims: int) -> nn.Module:
+def avgpool_like(pool_args: dict, dims: int) -> nn.Module:
+    """The average pooling with the window of a max pool (``pool_args`` as
+    :func:`eclsnn.conversion.maxpool.pool_arguments`)."""
     cls = nn.AvgPool1d if dims == 1 else nn.AvgPool2d
     if pool_args.get("dilation", 1) not in (1, (1,), (1, 1)):
         raise ConversionError("max pooling with dilation cannot be replaced by average pooling")
@@ -287,8 +284,9 @@ def _avgpool_like(pool_args: dict, dims: int) -> nn.Module:
                pool_args.get("padding", 0), ceil_mode=pool_args.get("ceil_mode", False), count_include_pad=False)
 
 
-def normalise(gm: fx.GraphModule, maxpool: str = "error") -> fx.GraphModule:
-    """Give each activation call site its own module, drop dropout/identity, apply the max-pool policy.
+def normalise(gm: fx.GraphModule) -> fx.GraphModule:
+    """Give each activation call site its own module, drop dropout/identity (max pools are left to
+    :mod:`eclsnn.conversion.maxpool`).
 
     After this pass every activation is a ``call_module`` of ``nn.ReLU``, ``nn.Hardtanh`` with lower bound 0
     (ReLU6 and clamps to [0, c]) or ``ThresholdClip`` used at exactly one node, so each becomes one neuron
@@ -299,32 +297,22 @@ def normalise(gm: fx.GraphModule, maxpool: str = "error") -> fx.GraphModule:
         if node.op == "call_function" and node.target in _RELU_FUNCTIONS or (
             node.op == "call_method" and node.target in _RELU_METHODS
         ):
-            _replace_with_module(gm, node, nn.ReLU(), _unique_name(gm, node.name))
+            replace_with_module(gm, node, nn.ReLU(), unique_name(gm, node.name))
         elif (node.op == "call_function" and node.target in _CLAMP_FUNCTIONS) or (
                 node.op == "call_method" and node.target in _CLAMP_METHODS):
             low, high = clamp_bounds(node, gm)
             act = nn.ReLU() if high is None else nn.Hardtanh(0.0, float(high))
-            _replace_with_module(gm, node, act, _unique_name(gm, node.name))
+            replace_with_module(gm, node, act, unique_name(gm, node.name))
         elif node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
             _bypass(gm, node)
-        elif node.op == "call_function" and node.target in _MAXPOOL_FUNCTIONS and maxpool == "avg":
-            names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
-            pool_args = dict(zip(names, node.args[1:]), **node.kwargs)
-            dims = 1 if node.target is F.max_pool1d else 2
-            _replace_with_module(gm, node, _avgpool_like(pool_args, dims), _unique_name(gm, node.name))
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if isinstance(mod, _IDENTITY_MODULES):
                 _bypass(gm, node)
-            elif isinstance(mod, _MAXPOOL_MODULES) and maxpool == "avg":
-                pool_args = dict(kernel_size=mod.kernel_size, stride=mod.stride, padding=mod.padding,
-                                 dilation=mod.dilation, ceil_mode=mod.ceil_mode)
-                avg = _avgpool_like(pool_args, 1 if isinstance(mod, nn.MaxPool1d) else 2)
-                gm.add_submodule(node.target, avg)
             elif isinstance(mod, _ACTIVATION_MODULES):
                 if node.target in seen_targets:  # shared activation module (e.g. torchvision's self.relu)
-                    name = _unique_name(gm, node.target.replace(".", "_"))
-                    _replace_with_module(gm, node, copy.deepcopy(mod), name)
+                    name = unique_name(gm, node.target.replace(".", "_"))
+                    replace_with_module(gm, node, copy.deepcopy(mod), name)
                 seen_targets.add(node.target)
     gm.graph.lint()
     gm.recompile()

@@ -24,6 +24,7 @@ from torch import nn
 
 from eclsnn.errors import ConversionError
 from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron
+from eclsnn.core.pooling import SpikingMaxPool
 from eclsnn.simulation.network import SpikingNetwork
 
 __all__ = ["FORMAT", "describe", "export_npz", "export_json"]
@@ -56,6 +57,14 @@ def _module_entry(mod: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tenso
         if isinstance(mod, DualThresholdIFNeuron):
             attrs["theta_neg"] = mod.theta_neg
         return attrs, {"theta": mod.theta}
+    if isinstance(mod, SpikingMaxPool):
+        return {"op": "spiking_maxpool", "dims": mod.dims, "kernel_size": list(mod.kernel_size), "stride": list(mod.stride),
+                "padding": list(mod.padding), "ceil_mode": mod.ceil_mode, "per_channel": mod.theta.dim() == 1}, {"theta": mod.theta}
+    if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d)):
+        if _aslist(mod.dilation) not in (1, [1], [1, 1]) or mod.return_indices:
+            raise ConversionError(f"export does not describe max pooling with dilation or indices ({mod})")
+        return {"op": "maxpool", "dims": 1 if isinstance(mod, nn.MaxPool1d) else 2, "kernel_size": _aslist(mod.kernel_size),
+                "stride": _aslist(mod.stride), "padding": _aslist(mod.padding), "ceil_mode": mod.ceil_mode}, {}
     if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d)):
         return {"op": "avgpool", "kernel_size": _aslist(mod.kernel_size), "stride": _aslist(mod.stride),
                 "padding": _aslist(mod.padding), "ceil_mode": mod.ceil_mode, "count_include_pad": mod.count_include_pad}, {}

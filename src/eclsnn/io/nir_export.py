@@ -19,6 +19,7 @@ from torch import nn
 
 from eclsnn.errors import ConversionError
 from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron, SpikingNeuron
+from eclsnn.core.pooling import SpikingMaxPool
 from eclsnn.simulation.network import SpikingNetwork
 from eclsnn.io._nir_common import FORMAT, META, NEURON_FORMS, NIRExportWarning, _below, _f32, _nir, _pair
 
@@ -412,6 +413,20 @@ class _Exporter:
         return _Value((self.add(name, node_, x),), x.shape)
 
 
+def _refuse_max_pools(snn: SpikingNetwork) -> None:
+    """NIR has no max-pool node: a network with one cannot be written without changing its meaning."""
+    gm = snn.graph_module
+    for node in gm.graph.nodes:
+        is_pool = (node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                           (nn.MaxPool1d, nn.MaxPool2d, SpikingMaxPool))) or (
+            node.op == "call_function" and node.target in (F.max_pool1d, F.max_pool2d))
+        if is_pool:
+            raise ConversionError(f"NIR export: {node.name} is a max pool; NIR has no max-pool node, so the graph cannot "
+                                  "be written without changing its meaning. Export with --format npz or json "
+                                  "(docs/EXPORT.md), or convert a network without max pooling (maxpool='avg' and "
+                                  "fine-tuning)")
+
+
 def to_nir(snn: SpikingNetwork, sample_input: torch.Tensor, neurons: str = "exact"):
     """The converted network as a ``nir.NIRGraph``.
 
@@ -433,6 +448,7 @@ def to_nir(snn: SpikingNetwork, sample_input: torch.Tensor, neurons: str = "exac
         raise ConversionError(f"neurons must be one of {NEURON_FORMS}, got {neurons!r}")
     if not torch.is_tensor(sample_input) or not sample_input.is_floating_point() or sample_input.dim() < 2:
         raise ConversionError("sample_input must be a floating-point batch [B, ...] of the network's input")
+    _refuse_max_pools(snn)
     param = next(snn.graph_module.parameters(), None)
     sample = sample_input[:1].to(device=param.device if param is not None else "cpu",
                                  dtype=param.dtype if param is not None else torch.float32)

@@ -116,13 +116,14 @@ class SpikingNetwork(nn.Module):
 
     @property
     def step_mode(self) -> str:
-        modes = {n.step_mode for _, n in self.neurons()}
+        modes = {n.step_mode for _, n in self.stateful_nodes() if hasattr(n, "step_mode")}
         return modes.pop() if len(modes) == 1 else "mixed"
 
     def set_step_mode(self, mode: str) -> SpikingNetwork:
         check_step_mode(mode)
-        for _, neuron in self.neurons():
-            neuron.step_mode = mode
+        for _, node in self.stateful_nodes():
+            if hasattr(node, "step_mode"):
+                node.step_mode = mode
         self.reset()
         return self
 
