@@ -15,14 +15,23 @@ budget E is checked on the validation split (seed 0 at E and 2E epochs).
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RUNS as RUNS_DIR  # noqa: E402
+from eclsnn import convert  # noqa: E402
+from eclsnn.config import config_from_dict  # noqa: E402
+from eclsnn.io.snn_folder import load_ann  # noqa: E402
 from eclsnn.recipes import runs  # noqa: E402
+from eclsnn.recipes.analysis import analyze_checkpoint  # noqa: E402
+from eclsnn.recipes.common import calibration_batches, eval_loader, evaluate_variants, load_split, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT.parent / "configs"
@@ -80,16 +89,182 @@ def train(only: list[str] | None) -> None:
         spec.ensure()
 
 
+OUT = RESULTS / "depth"
+T_MAX = 16  # dual θ/2 at T = 1..16
+T_ABLATION = 8  # IF v(0) = 0 and IF θ/2 at T ≤ 8 (L = 4)
+SJ_SELECT_SAMPLES = 2000  # SpikingJelly's setting is chosen on ≤ 2k validation images of seed 0 at T = 16
+
+
+def _val_accuracy(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["val_acc"] for r in rows if "val_acc" in r]
+
+
+def _sj_select(model, calib, val, log) -> tuple[str, dict]:
+    """SpikingJelly's best documented setting on the validation split (accuracy at T = 16)."""
+    import accuracy_vs_peers as peers
+
+    scores = {}
+    for name, s in peers.SJ_VARIANTS.items():
+        net = peers.sj_convert(model, calib, s["channel_wise"], s["half"])
+        correct = total = 0
+        for x, y in val:
+            correct += (peers.sj_run(net, x, T_MAX)[-1].argmax(-1) == y).sum().item()
+            total += y.shape[0]
+        scores[name] = correct / total
+        log(f"  SpikingJelly {name}: validation {100 * scores[name]:.2f} % at T = {T_MAX}")
+    best = max(scores, key=scores.get)
+    return best, scores
+
+
+def _sj_test(model, calib, setting: str, test) -> dict[str, float]:
+    import accuracy_vs_peers as peers
+
+    s = peers.SJ_VARIANTS[setting]
+    net = peers.sj_convert(model, calib, s["channel_wise"], s["half"])
+    correct, total = torch.zeros(T_MAX, dtype=torch.long), 0
+    for x, y in test:
+        correct += (peers.sj_run(net, x, T_MAX).argmax(-1) == y).sum(1)
+        total += y.shape[0]
+    return {str(t + 1): correct[t].item() / total for t in range(T_MAX)}
+
+
+def evaluate(spec: Spec, max_samples: int | None, log) -> dict | None:
+    """The test-set numbers of one finished run (written once to results/depth/<run>.json)."""
+    out = OUT / f"{spec.name}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    run = RUNS_DIR / spec.name
+    if not runs.is_finished(run):
+        log(f"[depth] {spec.name}: not trained yet")
+        return None
+    log(f"[depth] {spec.name}: evaluating")
+    torch.manual_seed(0)
+    model, ckpt = load_ann(run)
+    cfg = config_from_dict(ckpt.meta["config"])
+    seed = cfg.train.seed
+    test = list(eval_loader(*load_split(cfg.data, "test", seed, max_samples), 256))
+    result = {"run": spec.name, "arch": spec.arch, "activation": spec.activation, "levels": spec.levels, "seed": seed,
+              "epochs": spec.epochs, "val_accuracy": _val_accuracy(run), "num_samples": sum(y.shape[0] for _, y in test)}
+    c = cfg.convert
+    if spec.activation == "clip":
+        main_variants = {"dual θ/2": convert(model, neuron="dual", v_init=0.5, theta_neg=c.theta_neg)}
+        ablation = {"IF v0": convert(model, neuron="if", v_init=0.0), "IF θ/2": convert(model, neuron="if", v_init=0.5)} \
+            if spec.levels == 4 else {}
+    else:  # thresholds from the validation split: the config's rule, and the 99.9th percentile beside it
+        calib = calibration_batches(cfg.data, seed, 256, c.calibration_batches)
+        main_variants = {
+            f"dual θ/2 ({c.threshold_rule})": convert(model, calibration=calib, threshold_rule=c.threshold_rule,
+                                                      percentile=c.percentile),
+            "dual θ/2 (p99.9)": convert(model, calibration=calib, threshold_rule="percentile", percentile=99.9),
+        }
+        ablation = {}
+    acc = evaluate_variants(model, test, T_MAX, main_variants)
+    result["ann_accuracy"] = acc["ann_accuracy"]
+    result["snn_accuracy"] = acc["snn_accuracy"]
+    if ablation:
+        result["snn_accuracy"].update(evaluate_variants(model, test, T_ABLATION, ablation)["snn_accuracy"])
+    if spec.activation == "relu":
+        import accuracy_vs_peers as peers
+
+        if peers.spikingjelly_version():
+            val = list(eval_loader(*load_split(cfg.data, "val", seed, SJ_SELECT_SAMPLES), 256))
+            if seed == 0 or not (OUT / "sj_setting.json").is_file():
+                best, scores = _sj_select(model, calib, val, log)
+                write_json(OUT / "sj_setting.json", {"chosen_on": spec.name, "setting": best, "validation": scores})
+            best = json.loads((OUT / "sj_setting.json").read_text())["setting"]
+            result["snn_accuracy"][f"SpikingJelly {best}"] = _sj_test(model, calib, best, test)
+            result["spikingjelly"] = peers.spikingjelly_version()
+    OUT.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    return result
+
+
+def analysis(spec: Spec, log) -> None:
+    """`eclsnn analyze` of the run at T = 2 and 4 on 512 validation images: where the error sits."""
+    for T in (2, 4):
+        out = OUT / f"{spec.name}-analysis-T{T}"
+        if (out / "analysis.json").is_file() or not runs.is_finished(RUNS_DIR / spec.name):
+            continue
+        log(f"[depth] {spec.name}: analyze T = {T}")
+        analyze_checkpoint(RUNS_DIR / spec.name, {"dual θ/2": {"neuron": "dual", "v_init": 0.5},
+                                                  "IF θ/2": {"neuron": "if", "v_init": 0.5}},
+                           time_steps=T, split="val", max_samples=512, output=out, progress=False)
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    m = 100 * statistics.fmean(values)
+    return f"{m:.2f}" if len(values) == 1 else f"{m:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def render() -> str:
+    results = [json.loads(p.read_text()) for p in sorted(OUT.glob("fmnist-*.json"))]
+    lines = ["# Depth on Fashion-MNIST", "",
+             "Commands: `nice -n 19 python benchmarks/depth.py train`, `... evaluate`, `... render`; settings in "
+             "configs/fmnist-resnet20.toml (fixed before any test-set run). Test accuracy in % (mean ± std over seeds "
+             "where there are several); the SNN columns are the accuracy after t steps of one T-step run.", ""]
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["arch"], r["activation"], r["levels"], r["epochs"]), []).append(r)
+    steps = [1, 2, 4, 8, 16]
+    lines += ["| network | epochs | seeds | ANN | variant | " + " | ".join(f"T={t}" for t in steps) + " | gap at T=2 | gap at T=4 |",
+              "|---|---|---|---|---|" + "---|" * (len(steps) + 2)]
+    for (arch, act, levels, epochs), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        name = f"{arch} {'ReLU' if act == 'relu' else f'clip L={levels}'}"
+        ann = [r["ann_accuracy"] for r in rs]
+        for variant in rs[0]["snn_accuracy"]:
+            cells = []
+            for t in steps:
+                vals = [r["snn_accuracy"][variant][str(t)] for r in rs if str(t) in r["snn_accuracy"].get(variant, {})]
+                cells.append(_mean_std(vals))
+            gaps = []
+            for t in (2, 4):
+                vals = [r["ann_accuracy"] - r["snn_accuracy"][variant][str(t)] for r in rs
+                        if str(t) in r["snn_accuracy"].get(variant, {})]
+                gaps.append(_mean_std(vals))
+            lines.append(f"| {name} | {epochs} | {len(rs)} | {_mean_std(ann)} | {variant} | " + " | ".join(cells)
+                         + f" | {gaps[0]} | {gaps[1]} |")
+    conv = [r for r in results if r["seed"] == 0 and r["activation"] == "clip" and r["levels"] == 4]
+    if conv:
+        lines += ["", "Budget check (seed 0, L = 4; validation accuracy of the last epoch, %):", ""]
+        for r in sorted(conv, key=lambda r: r["epochs"]):
+            lines.append(f"- {r['arch']}, {r['epochs']} epochs: {100 * r['val_accuracy'][-1]:.2f} "
+                         f"(best {100 * max(r['val_accuracy']):.2f})")
+    sj = OUT / "sj_setting.json"
+    if sj.is_file():
+        s = json.loads(sj.read_text())
+        lines += ["", f"SpikingJelly's setting, chosen on ≤ {SJ_SELECT_SAMPLES} validation images of {s['chosen_on']} at "
+                  f"T = {T_MAX}: {s['setting']} (" + ", ".join(f"{k}: {100 * v:.2f}" for k, v in s["validation"].items()) + ")."]
+    for path in sorted(OUT.glob("*-analysis-T*/analysis.md")):
+        lines += ["", f"## `eclsnn analyze`: {path.parent.name} (512 validation images)", "", path.read_text()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["train", "list"])
+    p.add_argument("phase", choices=["train", "evaluate", "render", "list"])
     p.add_argument("--only", nargs="*", help="run names (see `list`)")
+    p.add_argument("--max-samples", type=int, help="seeded test subset (default: the whole test set)")
     a = p.parse_args(argv)
+    torch.set_num_threads(2)
     if a.phase == "list":
         for spec in RUNS:
             print(spec.name, "finished" if runs.is_finished(RUNS_DIR / spec.name) else "")
-    else:
+    elif a.phase == "train":
         train(a.only)
+    elif a.phase == "evaluate":
+        for spec in RUNS:
+            if not a.only or spec.name in a.only:
+                evaluate(spec, a.max_samples, lambda m: print(m, flush=True))
+                if spec.activation == "clip" and spec.seed == 0 and spec.epochs == E:
+                    analysis(spec, lambda m: print(m, flush=True))
+    if a.phase in ("evaluate", "render"):
+        md = render()
+        (RESULTS / "depth.md").write_text(md)
+        write_json(RESULTS / "depth.json", [json.loads(p.read_text()) for p in sorted(OUT.glob("fmnist-*.json"))])
+        print(md)
 
 
 if __name__ == "__main__":
