@@ -87,7 +87,12 @@ def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _cleanup_leftovers(parent: Path, name: str) -> None:
     """Remove ``.tmp-<name>-<pid>`` folders of writers that are no longer running; if `name` is missing
-    but a ``.old-<name>-<pid>`` folder of a dead writer exists, put it back (it is complete)."""
+    but a ``.old-<name>-<pid>`` folder of a dead writer exists, put it back (it is complete).
+
+    Only writers call this (``save_checkpoint``, and ``find_checkpoint`` for a resumed training, which
+    holds the run's lock): reading a checkpoint changes nothing. A leftover that is a symbolic link was
+    not made by eclsnn's writer; the link itself is removed, never followed (it could lead out of the run
+    folder)."""
     if not parent.is_dir():
         return
     dest = parent / name
@@ -97,13 +102,21 @@ def _cleanup_leftovers(parent: Path, name: str) -> None:
             if not pid_text.isdigit() or _pid_alive(int(pid_text)):
                 continue
             try:
-                if prefix == ".old-" and not dest.exists():
+                if leftover.is_symlink():
+                    leftover.unlink()
+                elif prefix == ".old-" and not dest.exists() and _is_plain_checkpoint(leftover):
                     os.replace(leftover, dest)
                     _fsync_dir(parent)
                 else:
                     shutil.rmtree(leftover)
             except OSError:
                 pass  # read-only location: leave it, readers fall back below
+
+
+def _is_plain_checkpoint(folder: Path) -> bool:
+    """A checkpoint folder that is no link and whose metadata is no link: what eclsnn's writer leaves."""
+    meta = folder / META_FILE
+    return not folder.is_symlink() and folder.is_dir() and not meta.is_symlink() and meta.is_file()
 
 
 def save_checkpoint(
@@ -196,33 +209,37 @@ def save_checkpoint(
 
 
 
-def _checkpoint_dir(folder: Path) -> Path | None:
-    """`folder` itself if it is a checkpoint, after recovering a leftover aside copy if needed."""
-    if not folder.exists():
+def _checkpoint_dir(folder: Path, recover: bool = False) -> Path | None:
+    """`folder` itself if it is a checkpoint; else the complete aside copy a writer left when it died
+    between its two renames (``.old-<name>-<pid>``, never a link). With `recover` (writers only) the
+    aside copy is first renamed back into place."""
+    if recover and not folder.exists():
         _cleanup_leftovers(folder.parent, folder.name)
     if (folder / META_FILE).is_file() or (folder / MODEL_FILE).is_file():
         return folder
-    # The writer died between its two renames and the aside copy could not be put back (read-only).
     parent = folder.parent
     if parent.is_dir():
         for old in sorted(parent.glob(f".old-{folder.name}-*")):
-            if (old / META_FILE).is_file():
+            if _is_plain_checkpoint(old):
                 return old
     return None
 
 
 def find_checkpoint(folder: str | Path) -> Path | None:
     """The checkpoint folder `folder` (recovered from an interrupted write if need be), or None if
-    there is no checkpoint there. Used to decide whether a run can be resumed."""
+    there is no checkpoint there. Used by training, under the run's lock, to decide whether a run can be
+    resumed; it may rename a dead writer's aside copy back into place (see :func:`_cleanup_leftovers`)."""
     folder = Path(folder)
     if not folder.parent.is_dir():
         return None
-    return _checkpoint_dir(folder)
+    return _checkpoint_dir(folder, recover=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder for a run folder (its ``checkpoints/last``), a checkpoint folder, or a
-    ``model.safetensors`` / ``meta.json`` file inside one."""
+    ``model.safetensors`` / ``meta.json`` file inside one. Read only: where a writer died between its two
+    renames, the complete aside copy it left is returned as it is (``.old-last-<pid>``), nothing is
+    renamed or removed, and no link to another place is taken for one."""
     p = Path(path)
     if p.is_file():
         if p.name == MODEL_FILE or p.name == META_FILE:
