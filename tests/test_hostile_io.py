@@ -107,6 +107,78 @@ def no_huge_reads(monkeypatch, limit: int = 2**30) -> None:
     monkeypatch.setattr(Path, "read_bytes", guarded)
 
 
+# ---- item 3: bounded memory ----------------------------------------------------------------------------
+
+def test_a_sparse_multi_gigabyte_safetensors_is_refused_before_it_is_read(ckpt, monkeypatch):
+    size = 5 * 2**30
+    header = json.dumps({"w": {"dtype": "F32", "shape": [size // 4], "data_offsets": [0, size]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path = ckpt / "model.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + size)  # sparse: no disk space, no memory
+    no_huge_reads(monkeypatch)
+    with pytest.raises(CheckpointError, match="ECLSNN_MAX_LOAD_BYTES"):
+        load_checkpoint(ckpt)
+
+
+def test_a_safetensors_declaring_more_than_the_file_holds_is_refused_unread(ckpt, monkeypatch):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 2**42]}}).encode()
+    path = ckpt / "model.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(2**31)  # sparse 2 GiB, far less than declared
+    no_huge_reads(monkeypatch)
+    with pytest.raises(CheckpointError, match="declares"):
+        load_checkpoint(ckpt)
+
+
+def test_the_load_limit_is_an_environment_variable(ckpt, monkeypatch):
+    monkeypatch.setenv("ECLSNN_MAX_LOAD_BYTES", "100000")  # the fixture's weights are 1.8 MB
+    with pytest.raises(CheckpointError, match="more than the 100000 bytes.*ECLSNN_MAX_LOAD_BYTES"):
+        load_checkpoint(ckpt)
+    monkeypatch.setenv("ECLSNN_MAX_LOAD_BYTES", str(2**30))
+    assert load_checkpoint(ckpt).meta["epoch"] == 1
+
+
+@pytest.mark.parametrize("field", ["model.num_classes", "dataset.num_classes", "model.in_channels"])
+def test_sizes_in_meta_json_are_bounded_before_the_model_is_built(ckpt, monkeypatch, field):
+    edit_json(ckpt / "meta.json", set_field(field, 2**40))
+    monkeypatch.setattr("eclsnn.models.create", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(CheckpointError, match=rf"meta.json.*{field.split('.')[-1]}.*at most"):
+        load_ann(ckpt)
+
+
+@pytest.mark.parametrize("key", ["evaluate.time_steps", "train.snn_time_steps"])
+def test_absurd_time_steps_in_a_checkpoint_config_are_a_config_error(ckpt, key):
+    config = json.loads((ckpt / "meta.json").read_text())["config"]
+    set_field(key, 10**12)(config)
+    with pytest.raises(ConfigError, match=rf"{key} must be .*at most 65536"):
+        layered_config(None, None, config)
+
+
+def test_a_nir_file_declaring_huge_weights_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    h5py = pytest.importorskip("h5py")
+    import nir
+
+    path = tmp_path / "huge.nir"
+    nir.write(path, small_nir())
+    with h5py.File(path, "r+") as f:
+        del f["node/nodes/0/weight"]
+        f.create_dataset("node/nodes/0/weight", shape=(2**20, 2**20), dtype="f4", chunks=(64, 64))  # 4 TiB, unstored
+    assert path.stat().st_size < 2**20
+    monkeypatch.setattr(nir, "read", lambda *a, **k: pytest.fail("nir.read read the file"))
+    with pytest.raises(ConversionError, match="ECLSNN_MAX_LOAD_BYTES"):
+        read_nir(path)
+
+
+def test_a_nir_graph_declaring_huge_weights_is_refused_before_allocating():
+    graph = small_nir()
+    graph.nodes["2"].weight = np.broadcast_to(np.float32(0.5), (2**24, 2**24))  # a 1 PiB view of one number
+    with pytest.raises(ConversionError, match="ECLSNN_MAX_LOAD_BYTES"):
+        eclsnn.from_nir(graph)
+
+
 # ---- item 6: read-only commands change nothing; recovery stays in the run folder ------------------------
 
 def _listing(root: Path) -> list[str]:

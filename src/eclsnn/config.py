@@ -274,6 +274,12 @@ def _check(where: str, key: str, ok: bool, requirement: str, value: Any) -> None
         raise ConfigError(f"{where}: {key} must be {requirement}, got {value!r}")
 
 
+#: The most time steps a config may ask for: a bound on time and memory (a checkpoint's stored config is
+#: read as a file is, and T steps of a batch are simulated, and partly held, at once).
+MAX_TIME_STEPS = 2**16
+_TIME_STEPS = f">= 1 and at most {MAX_TIME_STEPS}"
+
+
 def _validate(cfg: Config, where: str) -> None:
     d, m, t, c, e = cfg.data, cfg.model, cfg.train, cfg.convert, cfg.evaluate
     _check_choice(where, "data.dataset", d.dataset, DATASET_CHOICES)
@@ -296,7 +302,7 @@ def _validate(cfg: Config, where: str) -> None:
     _check(where, "train.label_smoothing", 0.0 <= t.label_smoothing < 1.0, "in [0, 1)", t.label_smoothing)
     _check(where, "train.warmup_epochs", 0 <= t.warmup_epochs <= t.epochs, f"in [0, epochs = {t.epochs}]", t.warmup_epochs)
     _check(where, "train.snn_epochs", 0 <= t.snn_epochs <= t.epochs, f"in [0, epochs = {t.epochs}]", t.snn_epochs)
-    _check(where, "train.snn_time_steps", t.snn_time_steps >= 1, ">= 1", t.snn_time_steps)
+    _check(where, "train.snn_time_steps", 1 <= t.snn_time_steps <= MAX_TIME_STEPS, _TIME_STEPS, t.snn_time_steps)
     _check(where, "train.snn_lr", t.snn_lr >= 0, ">= 0 (0: continue the one schedule)", t.snn_lr)
     if t.snn_epochs and t.snn_lr:
         _check(where, "train.warmup_epochs", t.warmup_epochs <= t.epochs - t.snn_epochs,
@@ -336,7 +342,7 @@ def _validate(cfg: Config, where: str) -> None:
     _check(where, "convert.percentile", 0.0 < c.percentile <= 100.0, "in (0, 100]", c.percentile)
     _check(where, "convert.calibration_batches", c.calibration_batches >= 1, ">= 1", c.calibration_batches)
 
-    _check(where, "evaluate.time_steps", e.time_steps >= 1, ">= 1", e.time_steps)
+    _check(where, "evaluate.time_steps", 1 <= e.time_steps <= MAX_TIME_STEPS, _TIME_STEPS, e.time_steps)
     _check(where, "evaluate.batch_size", e.batch_size >= 1, ">= 1", e.batch_size)
     _check_choice(where, "evaluate.split", e.split, SPLIT_CHOICES)
     _check(where, "evaluate.max_samples", e.max_samples is None or e.max_samples >= 1, ">= 1 (0: all)", e.max_samples)

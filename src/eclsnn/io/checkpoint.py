@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import time
@@ -41,6 +42,7 @@ from torch import nn
 
 from eclsnn.errors import CheckpointError
 from eclsnn.io._files import FAULT_ENV, _fault_hit, _fsync_dir, _pid_alive, _write_bytes, git_revision
+from eclsnn.io.limits import MAX_IMAGE_VALUES, MAX_IN_CHANNELS, MAX_NUM_CLASSES, MAX_SEED
 from eclsnn.io.rng_state import capture_rng_state, restore_rng_state
 from eclsnn.io.safetensors_io import (_PICKLE_SUFFIXES, _UNPICKLE_MESSAGE, _decode, _read_json, _read_safetensors,
                                       _refuse_pickle, _state_files)
@@ -328,11 +330,59 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"{meta_path} has format version {version!r}; this eclsnn reads up to {FORMAT_VERSION} — upgrade eclsnn"
         )
+    _check_meta(meta, meta_path)
     model_path = folder / MODEL_FILE
     if not model_path.is_file():
         raise CheckpointError(f"{folder} has no {MODEL_FILE}; the checkpoint is incomplete — use another one")
     state_dict = _read_safetensors(model_path)
     return Checkpoint(path=folder, meta=meta, state_dict=state_dict)
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    """The fields of ``meta.json`` that eclsnn reads, checked for type and size before anything is built
+    from them: a number in the file must not decide how much memory the model takes."""
+
+    def bad(field: str, want: str, value: Any) -> CheckpointError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return CheckpointError(f"{path}: field '{field}' must be {want}, got {shown}; the file is corrupt or was "
+                               "edited — use the checkpoint's own meta.json or another checkpoint")
+
+    def integer(field: str, value: Any, low: int, high: int, why: str = "") -> None:
+        if type(value) is not int or not low <= value <= high:
+            raise bad(field, f"an integer, at least {low} and at most {high}{why}", value)
+
+    def table(field: str, allow_null: bool = False) -> dict[str, Any]:
+        value = meta.get(field)
+        if value is None and (allow_null or field not in meta):
+            return {}
+        if not isinstance(value, dict):
+            raise bad(field, "a JSON object" + (" or null" if allow_null else ""), value)
+        return value
+
+    bound = " (a bound on memory before the model is built)"
+    model = table("model")
+    for key in ("arch", "name"):
+        if key in model and not isinstance(model[key], str):
+            raise bad(f"model.{key}", "a model name (a string)", model[key])
+    if "num_classes" in model:
+        integer("model.num_classes", model["num_classes"], 1, MAX_NUM_CLASSES, bound)
+    if "in_channels" in model:
+        integer("model.in_channels", model["in_channels"], 1, MAX_IN_CHANNELS, bound)
+    dataset = table("dataset")
+    if "num_classes" in dataset:
+        integer("dataset.num_classes", dataset["num_classes"], 1, MAX_NUM_CLASSES, bound)
+    if dataset.get("channels") is not None:
+        integer("dataset.channels", dataset["channels"], 1, MAX_IN_CHANNELS, bound)
+    if dataset.get("image_size") is not None:
+        channels = dataset.get("channels") or 1
+        integer("dataset.image_size", dataset["image_size"], 1, math.isqrt(MAX_IMAGE_VALUES // channels),
+                f" for {channels} channel(s): one image of at most {MAX_IMAGE_VALUES} values")
+    if "epoch" in meta:
+        integer("epoch", meta["epoch"], 0, 2**31 - 1)
+    if "seed" in meta:
+        integer("seed", meta["seed"], 0, MAX_SEED)
+    table("config", allow_null=True)
 
 
 def _diff_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:

@@ -20,6 +20,8 @@ from eclsnn.errors import ConversionError
 from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron
 from eclsnn.simulation.network import SpikingNetwork
 from eclsnn.io._nir_common import META, _above, _below, _nir, _pair
+from eclsnn.io.limits import load_limit_hint, max_load_bytes
+
 
 class NIRScale(nn.Module):
     """Elementwise product with a fixed array (NIR ``Scale``); the array has the shape of one sample."""
@@ -356,7 +358,46 @@ def from_nir(graph) -> SpikingNetwork:
         return read_nir(graph)
     if not isinstance(graph, nir.NIRGraph):
         raise ConversionError(f"expected a nir.NIRGraph or the path of a .nir file, got {type(graph).__name__}")
+    declared = _declared_bytes(graph)
+    if declared > max_load_bytes():
+        raise ConversionError(f"NIR import: the graph's arrays take {declared} bytes as float32, {load_limit_hint(declared)}")
     return _check_imported(_Importer(graph).run())
+
+
+def _declared_bytes(graph) -> int:
+    """The bytes the graph's arrays (node fields and metadata, nested graphs included) take as float32 (at
+    least), counted from their shapes before anything is copied (a broadcast view declares its full size)."""
+    total, stack, seen = 0, [graph], set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray):
+            total += int(obj.size) * max(4, obj.dtype.itemsize)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dataclass_fields__"):
+            stack.extend(getattr(obj, f, None) for f in obj.__dataclass_fields__)
+    return total
+
+
+def _declared_file_bytes(path: Path) -> int:
+    """The bytes the datasets of a NIR (HDF5) file declare, read from their shapes without reading them."""
+    import h5py
+
+    total = 0
+
+    def visit(_name, obj):
+        nonlocal total
+        if isinstance(obj, h5py.Dataset):
+            total += int(obj.size or 0) * max(4, obj.dtype.itemsize)
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return total
 
 
 def _check_imported(snn: SpikingNetwork) -> SpikingNetwork:
@@ -380,7 +421,11 @@ def read_nir(path: str | os.PathLike) -> SpikingNetwork:
     if not path.is_file():
         raise ConversionError(f"NIR file {path} not found")
     try:
-        graph = nir.read(path)
+        declared = _declared_file_bytes(path)
+        if declared <= max_load_bytes():
+            graph = nir.read(path)
     except Exception as exc:  # noqa: BLE001 - h5py raises OSError, KeyError, ValueError on foreign files
         raise ConversionError(f"{path} is not a readable NIR file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if declared > max_load_bytes():
+        raise ConversionError(f"NIR file {path} declares {declared} bytes of arrays, {load_limit_hint(declared)}")
     return from_nir(graph)
