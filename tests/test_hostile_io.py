@@ -179,6 +179,95 @@ def test_a_nir_graph_declaring_huge_weights_is_refused_before_allocating():
         eclsnn.from_nir(graph)
 
 
+# ---- item 4: values and dtypes -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int32])
+def test_weights_stored_as_integers_or_booleans_are_refused(ckpt, dtype):
+    edit_weights(ckpt / "model.safetensors", lambda s: s.update({"features.0.weight": s["features.0.weight"].to(dtype)}))
+    with pytest.raises(CheckpointError, match=rf"features.0.weight.*{str(dtype).removeprefix('torch.')}"):
+        load_ann(ckpt)
+
+
+def test_weights_stored_in_another_float_precision_still_load(ckpt):
+    edit_weights(ckpt / "model.safetensors",
+                 lambda s: s.update({"features.0.weight": s["features.0.weight"].to(torch.float16)}))
+    model, _ = load_ann(ckpt)
+    assert model.features[0].weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused-cpu"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_lambda_in_a_checkpoint_is_refused_on_every_backend(ckpt, value, backend):
+    edit_weights(ckpt / "model.safetensors", lambda s: s["features.6.threshold_raw"].fill_(value))
+    try:
+        with eclsnn.use_backend(backend):
+            eclsnn.simulate(eclsnn.convert(nn.Sequential(nn.Linear(2, 2), eclsnn.ThresholdClip())), torch.ones(1, 2), 1)
+    except eclsnn.BackendError:
+        pytest.skip(f"backend {backend} cannot run here")
+    with eclsnn.use_backend(backend), pytest.raises(CheckpointError, match=r"λ of 'features.6'.*not finite"):
+        load_ann(ckpt)
+
+
+@pytest.mark.parametrize("value", [1e-3, 5e-4, 0.0, -0.25])
+def test_a_lambda_at_or_below_the_training_floor_warns(ckpt, value):
+    edit_weights(ckpt / "model.safetensors", lambda s: s["features.6.threshold_raw"].fill_(value))
+    with pytest.warns(UserWarning, match="'features.6'.*floor") as record:
+        model, _ = load_ann(ckpt)
+    assert {type(w.message).__name__ for w in record} == {"ThresholdWarning"}
+    assert model.features[6].threshold.item() == pytest.approx(1e-3)
+
+
+def test_a_lambda_above_the_floor_does_not_warn(ckpt):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_ann(ckpt)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("v_init", 1e30), ("v_init", "abc"), ("theta_neg", "abc"), ("theta_neg", float("-inf")),
+    ("theta_neg", -1e30), ("per_channel", "abc"),
+])
+def test_from_nir_refuses_absurd_neuron_metadata(field, value):
+    graph = small_nir(neuron="dual", form="if")
+    for node in graph.nodes.values():
+        if type(node).__name__ == "IF":
+            node.metadata["eclsnn"][field] = value
+    with pytest.raises(ConversionError, match=field):
+        eclsnn.from_nir(graph)
+
+
+@pytest.mark.parametrize("theta", [-2.0, 0.0])
+def test_from_nir_refuses_a_non_positive_theta_naming_the_node(theta):
+    graph = small_nir(form="if")
+    graph.nodes["1"].v_threshold = np.full_like(graph.nodes["1"].v_threshold, theta)
+    with pytest.raises(ConversionError, match=r"node '1'.*θ"):
+        eclsnn.from_nir(graph)
+
+
+def test_from_nir_warns_when_theta_sits_at_the_training_floor():
+    graph = small_nir(form="if")
+    graph.nodes["1"].v_threshold = np.full_like(graph.nodes["1"].v_threshold, 1e-3)
+    with pytest.warns(UserWarning, match="'1'.*floor") as record:
+        eclsnn.from_nir(graph)
+    assert {type(w.message).__name__ for w in record} == {"ThresholdWarning"}
+
+
+def _thetas_edit(value):
+    return lambda s: s.update({k: torch.full_like(v, value) for k, v in list(s.items())[:1]})
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda p: p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"), "not a valid safetensors"),
+    (lambda p: edit_weights(p, _thetas_edit(-1.0)), "θ"),
+    (lambda p: edit_weights(p, _thetas_edit(float("nan"))), "θ"),
+    (lambda p: edit_weights(p, lambda s: s.update({k: v.to(torch.int32) for k, v in s.items()})), "int32"),
+], ids=["corrupt", "negative", "nan", "int32"])
+def test_a_bad_thresholds_file_of_an_snn_folder_is_a_checkpoint_error(snn_folder, edit, match):
+    edit(snn_folder / "thresholds.safetensors")
+    with pytest.raises(CheckpointError, match=rf"thresholds.safetensors.*{match}"):
+        load_snn(snn_folder)
+
+
 # ---- item 6: read-only commands change nothing; recovery stays in the run folder ------------------------
 
 def _listing(root: Path) -> list[str]:

@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
-from eclsnn.errors import CheckpointError
+from eclsnn.errors import CheckpointError, ThresholdWarning
 from eclsnn.io._files import FAULT_ENV, _fault_hit, _fsync_dir, _pid_alive, _write_bytes, git_revision
 from eclsnn.io.limits import MAX_IMAGE_VALUES, MAX_IN_CHANNELS, MAX_NUM_CLASSES, MAX_SEED
 from eclsnn.io.rng_state import capture_rng_state, restore_rng_state
@@ -397,6 +398,15 @@ def _diff_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[s
         and tuple(own[k].shape) != tuple(state_dict[k].shape)
     ]
 
+    # load_state_dict casts silently: a float weight stored as int8 or bool would come back rounded
+    dtypes = [
+        f"{k}: checkpoint {str(state_dict[k].dtype).removeprefix('torch.')} vs model {str(own[k].dtype).removeprefix('torch.')}"
+        for k in own
+        if k in state_dict and torch.is_tensor(state_dict[k])
+        and not (state_dict[k].dtype == own[k].dtype
+                 or (state_dict[k].dtype.is_floating_point and own[k].dtype.is_floating_point))
+    ]
+
     def few(items: list[str]) -> str:
         return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
 
@@ -407,6 +417,8 @@ def _diff_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[s
         problems.append(f"not in the model: {few(unexpected)}")
     if shapes:
         problems.append(f"shape mismatch: {few(shapes)}")
+    if dtypes:
+        problems.append(f"dtype mismatch (weights are stored as floating point): {few(dtypes)}")
     return problems
 
 
@@ -451,7 +463,35 @@ def build_model(ckpt: Checkpoint) -> nn.Module:
         )
     _materialise_lazy(model, state)
     load_weights(model, state, what=f"checkpoint {ckpt.path}")
+    _check_thresholds(model, ckpt.path)
     return model.eval()
+
+
+def _check_thresholds(model: nn.Module, path: Path) -> None:
+    """Refuse a clip threshold λ that is not finite; warn where λ sits at or below the floor
+    ``LAMBDA_MIN`` that the clip uses instead (training can push the raw parameter there, since the
+    straight-through gradient still reaches it: the network then passes at most the floor per step)."""
+    from eclsnn.core.clip import ThresholdClip
+    from eclsnn.core.functional import LAMBDA_MIN
+
+    for name, mod in model.named_modules():
+        if not isinstance(mod, ThresholdClip) or isinstance(mod.threshold_raw, nn.parameter.UninitializedParameter):
+            continue
+        raw = mod.threshold_raw.detach()
+        if not torch.isfinite(raw).all():
+            raise CheckpointError(f"checkpoint {path}: the clip threshold λ of {name!r} is not finite "
+                                  f"({_few_values(raw[~torch.isfinite(raw)])}); the checkpoint is corrupt — use another one")
+        floor = torch.tensor(LAMBDA_MIN, dtype=raw.dtype)
+        low = raw <= floor
+        if low.any():
+            warnings.warn(f"checkpoint {path}: the clip threshold λ of {name!r} is {_few_values(raw[low])}, at or "
+                          f"below the floor {LAMBDA_MIN} that the clip and its spiking neurons use instead; that "
+                          "layer passes almost nothing", ThresholdWarning, stacklevel=3)
+
+
+def _few_values(t: torch.Tensor) -> str:
+    values = [f"{v:.4g}" for v in t.flatten()[:4].tolist()]
+    return ", ".join(values) + (f" and {t.numel() - 4} more" if t.numel() > 4 else "")
 
 
 def _describe_kwargs(kwargs: dict[str, Any]) -> str:
