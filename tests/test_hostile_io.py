@@ -268,6 +268,137 @@ def test_a_bad_thresholds_file_of_an_snn_folder_is_a_checkpoint_error(snn_folder
         load_snn(snn_folder)
 
 
+# ---- item 5: malformed settings and files ----------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [2**32, 2**64, 2**64 + 1])
+def test_a_seed_beyond_2_to_the_32_is_a_config_error(seed):
+    with pytest.raises(ConfigError, match=r"train.seed must be .*2\^32"):
+        load_config(None, {"train.seed": seed})
+
+
+def test_deeply_nested_toml_is_one_config_error(tmp_path):
+    path = tmp_path / "deep.toml"
+    path.write_text(f"[train]\nepochs = {deep()}\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse_override(f"train.epochs={deep()}")
+
+
+@pytest.mark.parametrize("name", ["meta.json", "optimizer.json", "extra.json"])
+def test_deeply_nested_json_in_a_checkpoint_is_a_checkpoint_error(ckpt, name):
+    (ckpt / name).write_text(deep())
+    with pytest.raises(CheckpointError, match=rf"{name}.*nested too deeply"):
+        c = load_checkpoint(ckpt)
+        c.load_optimizer_state()
+        c.load_extra_state()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("model", "cnn-fmnist"), ("model.arch", 5), ("model.num_classes", "10"), ("model.num_classes", 0),
+    ("dataset", 5), ("epoch", "one"), ("epoch", -1), ("seed", "x"), ("seed", 2**64), ("config", [1, 2]),
+])
+def test_meta_json_fields_of_the_wrong_type_are_refused_naming_file_and_field(ckpt, field, value):
+    edit_json(ckpt / "meta.json", set_field(field, value))
+    with pytest.raises(CheckpointError, match=rf"meta.json.*'{field}'"):
+        load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda spec: [spec], "a JSON object"), (set_field("checkpoint", 5), "checkpoint"), (set_field("convert", 5), "convert"),
+    (set_field("convert", ["if"]), "convert"),
+])
+def test_snn_json_fields_of_the_wrong_type_are_refused_naming_file_and_field(snn_folder, edit, field):
+    edit_json(snn_folder / "snn.json", edit)
+    with pytest.raises(CheckpointError, match=rf"snn.json.*{field}"):
+        load_snn(snn_folder)
+
+
+def _restore(ckpt_path: Path):
+    from eclsnn.config import TrainConfig
+    from eclsnn.models import create
+    from eclsnn.training.resume import restore
+    from eclsnn.training.schedule import build_optimizer, build_scheduler
+
+    c = load_checkpoint(ckpt_path)
+    kwargs = dict(c.meta["model"])
+    model = create(kwargs.pop("arch"), **kwargs)
+    t = TrainConfig()
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, 10, t)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return restore(c, [], t, model, optimizer, scheduler, scaler, 10, torch.device("cpu"))
+
+
+def test_the_unedited_checkpoint_restores(ckpt):
+    assert _restore(ckpt).start_epoch == 2
+
+
+@pytest.mark.parametrize("name,edit", [
+    ("optimizer.json", set_field("state", {"__tuple__": 5})),
+    ("optimizer.json", set_field("state", {"__dict__": [[1]]})),
+    ("optimizer.json", set_field("param_groups", 5)),
+    ("optimizer.json", set_field("param_groups", [{"params": "x"}])),
+    ("scheduler.json", lambda d: [d]),
+    ("extra.json", set_field("history", 5)),
+    ("extra.json", set_field("best_epoch", "one")),
+    ("rng.json", set_field("python", 5)),
+    ("rng.json", set_field("numpy", {"__ndarray__": {"dtype": "nonsense", "shape": [1], "data": [1]}})),
+], ids=["tuple", "dict", "param_groups", "params", "scheduler", "history", "best_epoch", "python-rng", "ndarray"])
+def test_malformed_state_files_are_a_checkpoint_error_naming_the_file(ckpt, name, edit):
+    edit_json(ckpt / name, edit)
+    with pytest.raises(CheckpointError, match=name):
+        _restore(ckpt)
+
+
+@pytest.mark.parametrize("name", ["forward", "training", "graph", "code", "_modules", "state_dict", "class",
+                                  "0.forward", "1abc"])
+def test_from_nir_accepts_module_names_that_collide_with_python_or_torch(name):
+    graph = small_nir()
+    x = torch.randn(3, 4)
+    expected = eclsnn.simulate(eclsnn.from_nir(graph), x, 4)
+    graph.nodes["0"].metadata["eclsnn"]["module"] = name
+    assert torch.equal(eclsnn.simulate(eclsnn.from_nir(graph), x, 4), expected)
+
+
+def test_from_nir_with_deeply_nested_settings_reads_the_graph():
+    graph = small_nir()
+    graph.metadata["eclsnn"]["settings"] = deep()
+    assert eclsnn.from_nir(graph).settings["source"] == "nir"
+
+
+def test_from_nir_turns_any_other_failure_into_a_conversion_error():
+    graph = small_nir()
+    graph.nodes["2"].weight = np.full((3, 5), "w")  # strings where numbers belong
+    with pytest.raises(ConversionError, match="NIR import"):
+        eclsnn.from_nir(graph)
+
+
+@pytest.mark.parametrize("case", ["seed", "deep-toml", "meta-model", "meta-deep", "thresholds", "snn-json"])
+def test_hostile_inputs_at_the_command_line_give_one_line_and_exit_2(case, tmp_path, ckpt, snn_folder, capsys):
+    run = ckpt.parent.parent
+    out = str(tmp_path / "out")
+    if case == "seed":
+        argv = ["train", "--seed", str(2**64), "--output", out]
+    elif case == "deep-toml":
+        (tmp_path / "deep.toml").write_text(f"[train]\nepochs = {deep()}\n")
+        argv = ["train", "--config", str(tmp_path / "deep.toml"), "--output", out]
+    elif case == "meta-model":
+        edit_json(ckpt / "meta.json", set_field("model", "cnn-fmnist"))
+        argv = ["evaluate", str(run), "--json", str(tmp_path / "e.json")]
+    elif case == "meta-deep":
+        (ckpt / "meta.json").write_text(deep())
+        argv = ["convert", str(run), "-o", str(tmp_path / "snn2")]
+    elif case == "thresholds":
+        (snn_folder / "thresholds.safetensors").write_bytes(b"\x00" * 64)
+        argv = ["evaluate", str(snn_folder), "--json", str(tmp_path / "e.json")]
+    else:
+        edit_json(snn_folder / "snn.json", set_field("convert", 5))
+        argv = ["export", str(snn_folder), "-o", str(tmp_path / "x.npz")]
+    assert main(argv) == 2
+    one_error_line(capsys)
+
+
 # ---- item 6: read-only commands change nothing; recovery stays in the run folder ------------------------
 
 def _listing(root: Path) -> list[str]:

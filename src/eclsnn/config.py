@@ -35,6 +35,7 @@ from eclsnn.conversion.calibration import THRESHOLD_RULES
 from eclsnn.conversion.converter import MAXPOOL_POLICIES, NEURONS
 from eclsnn.data import DATASETS
 from eclsnn.errors import ConfigError
+from eclsnn.io.limits import MAX_SEED
 from eclsnn.models import ACTIVATIONS, POOLS, list_models
 
 if sys.version_info >= (3, 11):
@@ -313,7 +314,7 @@ def _validate(cfg: Config, where: str) -> None:
             f"{where}: train.snn_epochs trains with the converted SNN in the loop, which takes its thresholds from "
             f"the learnable clip, so model.activation must be \"clip\", got {m.activation!r}"
         )
-    _check(where, "train.seed", t.seed >= 0, ">= 0", t.seed)
+    _check(where, "train.seed", 0 <= t.seed <= MAX_SEED, "an integer in [0, 2^32 - 1]", t.seed)
     dev = t.device
     _check(
         where, "train.device",
@@ -416,6 +417,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p} is not valid TOML: {exc}; fix the file (see configs/fmnist-cnn.toml)") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: a value is nested too deeply to be a setting; fix the file "
+                              "(see configs/fmnist-cnn.toml)") from None
     cfg = _apply(values, where)
     if overrides:
         cfg = _apply(_split_overrides(overrides, "override"), f"{where} (with overrides)" if path else "override", base=cfg)
@@ -472,6 +476,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"override {key}: the value is nested too deeply to be a setting") from None
     return key, value
 
 

@@ -289,7 +289,10 @@ class Checkpoint:
         structure = _read_json(json_path)
         st_path = self.path / f"{stem}.safetensors"
         tensors = _read_safetensors(st_path) if st_path.is_file() else {}
-        return _decode(structure, tensors, str(json_path))
+        try:
+            return _decode(structure, tensors, str(json_path))
+        except RecursionError:
+            raise CheckpointError(f"{json_path} is nested too deeply to be eclsnn's JSON; the file is corrupt") from None
 
     def load_optimizer_state(self) -> dict[str, Any] | None:
         """The optimizer's ``state_dict()`` as saved, or None if none was saved."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import keyword
 import math
 import operator
 import os
@@ -54,8 +56,27 @@ def _py(v):
 
 
 def _identifier(name: str) -> str:
-    """A module path: word characters in each dot-separated part (digits allowed, as in nn.Sequential)."""
-    return ".".join(re.sub(r"\W", "_", p) or "_" for p in str(name).split("."))
+    """A module path: word characters in each dot-separated part (digits allowed, as in nn.Sequential),
+    none of them a Python keyword or an attribute of the module that holds it (``forward``, ``training``,
+    ``graph``, ...): those get a trailing ``_``, since a metadata record may name anything."""
+    return ".".join(_safe_part(p) for p in str(name).split("."))
+
+
+def _safe_part(part: str) -> str:
+    part = re.sub(r"\W", "_", part) or "_"
+    if part.isdigit():
+        return part
+    if part.startswith("__"):  # Python's own names
+        part = "n" + part
+    while keyword.iskeyword(part) or part in _reserved_names():
+        part += "_"
+    return part
+
+
+@functools.lru_cache(maxsize=1)
+def _reserved_names() -> frozenset[str]:
+    """Attribute names of an fx.GraphModule (and so of every nn.Module inside one)."""
+    return frozenset(dir(fx.GraphModule(nn.Module(), fx.Graph())))
 
 
 def _per_channel(full: np.ndarray, what: str) -> np.ndarray:
@@ -360,7 +381,7 @@ class _Importer:
         if "settings" in record:
             try:
                 settings = dict(json.loads(str(record["settings"])))
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, RecursionError):
                 settings = {}
         if not settings:
             mods = [n.module for n in neurons.values()]
@@ -388,7 +409,17 @@ def from_nir(graph) -> SpikingNetwork:
     declared = _declared_bytes(graph)
     if declared > max_load_bytes():
         raise ConversionError(f"NIR import: the graph's arrays take {declared} bytes as float32, {load_limit_hint(declared)}")
-    return _check_imported(_Importer(graph).run())
+    try:
+        snn = _Importer(graph).run()
+    except ConversionError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, RecursionError,
+            ZeroDivisionError, OverflowError, SyntaxError) as exc:
+        # A graph can hold anything; what the checks above did not foresee is still the file's fault.
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConversionError(f"NIR import: the graph cannot be read as an eclsnn network ({type(exc).__name__}: "
+                              f"{first[:200]})") from None
+    return _check_imported(snn)
 
 
 def _declared_bytes(graph) -> int:

@@ -5,6 +5,7 @@ structure plus named tensors."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -69,26 +70,65 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     )
 
 
-def _decode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {"__tensor__"}:
-            try:
-                return tensors[obj["__tensor__"]]
-            except KeyError:
-                raise CheckpointError(f"{where}: tensor {obj['__tensor__']!r} is missing; the checkpoint is corrupt") from None
-        if set(obj) == {"__tuple__"}:
-            return tuple(_decode(v, tensors, where) for v in obj["__tuple__"])
-        if set(obj) == {"__dict__"}:
-            return {_decode(k, tensors, where): _decode(v, tensors, where) for k, v in obj["__dict__"]}
-        if set(obj) == {"__ndarray__"}:
-            import numpy as np
+def _decode(obj: Any, tensors: dict[str, torch.Tensor], where: str, path: str = "") -> Any:
+    """Inverse of :func:`_encode`; a structure it could not have written is a CheckpointError naming the
+    file (``where``) and the field."""
 
-            spec = obj["__ndarray__"]
-            return np.asarray(spec["data"], dtype=spec["dtype"]).reshape(spec["shape"])
-        return {k: _decode(v, tensors, where) for k, v in obj.items()}
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{where}: field {path or '(top level)'!r} {why}; the checkpoint is corrupt — use another one")
+
+    def at(key) -> str:
+        return f"{path}.{key}" if path else str(key)
+
+    if isinstance(obj, dict):
+        if "__tensor__" in obj and len(obj) == 1:
+            name = obj["__tensor__"]
+            if not isinstance(name, str) or name not in tensors:
+                raise bad(f"names tensor {name!r}, which is missing")
+            return tensors[name]
+        if "__tuple__" in obj and len(obj) == 1:
+            if not isinstance(obj["__tuple__"], list):
+                raise bad("must hold a list (a tuple)")
+            return tuple(_decode(v, tensors, where, at(i)) for i, v in enumerate(obj["__tuple__"]))
+        if "__dict__" in obj and len(obj) == 1:
+            pairs = obj["__dict__"]
+            if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+                raise bad("must hold a list of [key, value] pairs")
+            out = {}
+            for i, (k, v) in enumerate(pairs):
+                key = _decode(k, tensors, where, at(f"key{i}"))
+                try:
+                    hash(key)
+                except TypeError:
+                    raise bad(f"has a key of type {type(key).__name__}") from None
+                out[key] = _decode(v, tensors, where, at(key))
+            return out
+        if "__ndarray__" in obj and len(obj) == 1:
+            return _decode_ndarray(obj["__ndarray__"], bad)
+        return {k: _decode(v, tensors, where, at(k)) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_decode(v, tensors, where) for v in obj]
+        return [_decode(v, tensors, where, at(i)) for i, v in enumerate(obj)]
     return obj
+
+
+def _decode_ndarray(spec: Any, bad) -> Any:
+    """A small numpy array (an RNG key) from ``{"dtype", "shape", "data"}``; numbers only."""
+    import numpy as np
+
+    if not isinstance(spec, dict) or not {"dtype", "shape", "data"} <= set(spec):
+        raise bad("must hold an array's dtype, shape and data")
+    try:
+        dtype = np.dtype(spec["dtype"])
+    except TypeError:
+        raise bad(f"has the unknown array dtype {spec['dtype']!r}") from None
+    shape, data = spec["shape"], spec["data"]
+    if dtype.kind not in "biuf" or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) \
+            or not isinstance(data, list) or math.prod(shape) != len(data):
+        raise bad("does not hold a numeric array whose data fits its shape")
+    try:
+        return np.asarray(data, dtype=dtype).reshape(shape)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise bad(f"holds values that are not {dtype}: {exc}") from None
 
 
 def _state_files(stem: str, state: Any) -> dict[str, bytes]:
@@ -199,3 +239,5 @@ def _read_json(path: Path) -> Any:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is truncated or corrupt") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be eclsnn's JSON; the file is corrupt") from None
