@@ -423,8 +423,8 @@ def test_killed_writer_leaves_the_previous_checkpoint(tmp_path, monkeypatch, fau
     assert ck.meta["epoch"] == 0
     assert_same_weights(ck.state_dict, before)
     assert ck.load_optimizer_state()["state"] and torch.equal(ck.load_extra_state()["x"], torch.ones(3))
-    # recovery put the aside copy back / removed the dead writer's temporary folder
-    assert dest.is_dir() and (dest / "meta.json").is_file()
+    # reading changed nothing; the writer's recovery (as a resumed training runs it) puts the aside copy back
+    assert find_checkpoint(dest) == dest and (dest / "meta.json").is_file()
     # and the next write succeeds and cleans up
     save(dest, seed=2, epoch=2)
     assert load_checkpoint(dest).meta["epoch"] == 2
@@ -453,7 +453,13 @@ def test_recovers_from_aside_folder_left_by_a_dead_writer(tmp_path):
     os.replace(dest, tmp_path / f".old-last-{dead_pid}")
     (tmp_path / f".tmp-last-{dead_pid}").mkdir()
     (tmp_path / f".tmp-last-{dead_pid}" / "model.safetensors").write_bytes(b"\x00" * 10)
-    assert resolve_checkpoint(tmp_path.parent / tmp_path.name / "last") == dest
+    before = sorted(p.name for p in tmp_path.iterdir())
+    # a reader takes the complete aside copy where it is and changes nothing (issue #14, item 6)
+    assert resolve_checkpoint(tmp_path.parent / tmp_path.name / "last") == tmp_path / f".old-last-{dead_pid}"
+    assert load_checkpoint(dest).meta["epoch"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # the writer's recovery (save_checkpoint, or find_checkpoint when training resumes) puts it back
+    assert find_checkpoint(dest) == dest
     assert load_checkpoint(dest).meta["epoch"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 

@@ -35,6 +35,7 @@ from eclsnn.conversion.calibration import THRESHOLD_RULES
 from eclsnn.conversion.converter import MAXPOOL_POLICIES, NEURONS
 from eclsnn.data import DATASETS
 from eclsnn.errors import ConfigError
+from eclsnn.io.limits import MAX_SEED
 from eclsnn.models import ACTIVATIONS, POOLS, list_models
 
 if sys.version_info >= (3, 11):
@@ -274,6 +275,12 @@ def _check(where: str, key: str, ok: bool, requirement: str, value: Any) -> None
         raise ConfigError(f"{where}: {key} must be {requirement}, got {value!r}")
 
 
+#: The most time steps a config may ask for: a bound on time and memory (a checkpoint's stored config is
+#: read as a file is, and T steps of a batch are simulated, and partly held, at once).
+MAX_TIME_STEPS = 2**16
+_TIME_STEPS = f">= 1 and at most {MAX_TIME_STEPS}"
+
+
 def _validate(cfg: Config, where: str) -> None:
     d, m, t, c, e = cfg.data, cfg.model, cfg.train, cfg.convert, cfg.evaluate
     _check_choice(where, "data.dataset", d.dataset, DATASET_CHOICES)
@@ -296,7 +303,7 @@ def _validate(cfg: Config, where: str) -> None:
     _check(where, "train.label_smoothing", 0.0 <= t.label_smoothing < 1.0, "in [0, 1)", t.label_smoothing)
     _check(where, "train.warmup_epochs", 0 <= t.warmup_epochs <= t.epochs, f"in [0, epochs = {t.epochs}]", t.warmup_epochs)
     _check(where, "train.snn_epochs", 0 <= t.snn_epochs <= t.epochs, f"in [0, epochs = {t.epochs}]", t.snn_epochs)
-    _check(where, "train.snn_time_steps", t.snn_time_steps >= 1, ">= 1", t.snn_time_steps)
+    _check(where, "train.snn_time_steps", 1 <= t.snn_time_steps <= MAX_TIME_STEPS, _TIME_STEPS, t.snn_time_steps)
     _check(where, "train.snn_lr", t.snn_lr >= 0, ">= 0 (0: continue the one schedule)", t.snn_lr)
     if t.snn_epochs and t.snn_lr:
         _check(where, "train.warmup_epochs", t.warmup_epochs <= t.epochs - t.snn_epochs,
@@ -307,7 +314,7 @@ def _validate(cfg: Config, where: str) -> None:
             f"{where}: train.snn_epochs trains with the converted SNN in the loop, which takes its thresholds from "
             f"the learnable clip, so model.activation must be \"clip\", got {m.activation!r}"
         )
-    _check(where, "train.seed", t.seed >= 0, ">= 0", t.seed)
+    _check(where, "train.seed", 0 <= t.seed <= MAX_SEED, "an integer in [0, 2^32 - 1]", t.seed)
     dev = t.device
     _check(
         where, "train.device",
@@ -336,7 +343,7 @@ def _validate(cfg: Config, where: str) -> None:
     _check(where, "convert.percentile", 0.0 < c.percentile <= 100.0, "in (0, 100]", c.percentile)
     _check(where, "convert.calibration_batches", c.calibration_batches >= 1, ">= 1", c.calibration_batches)
 
-    _check(where, "evaluate.time_steps", e.time_steps >= 1, ">= 1", e.time_steps)
+    _check(where, "evaluate.time_steps", 1 <= e.time_steps <= MAX_TIME_STEPS, _TIME_STEPS, e.time_steps)
     _check(where, "evaluate.batch_size", e.batch_size >= 1, ">= 1", e.batch_size)
     _check_choice(where, "evaluate.split", e.split, SPLIT_CHOICES)
     _check(where, "evaluate.max_samples", e.max_samples is None or e.max_samples >= 1, ">= 1 (0: all)", e.max_samples)
@@ -410,6 +417,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p} is not valid TOML: {exc}; fix the file (see configs/fmnist-cnn.toml)") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: a value is nested too deeply to be a setting; fix the file "
+                              "(see configs/fmnist-cnn.toml)") from None
     cfg = _apply(values, where)
     if overrides:
         cfg = _apply(_split_overrides(overrides, "override"), f"{where} (with overrides)" if path else "override", base=cfg)
@@ -466,6 +476,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"override {key}: the value is nested too deeply to be a setting") from None
     return key, value
 
 

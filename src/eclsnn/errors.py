@@ -35,3 +35,9 @@ class SpikingLoopError(EclsnnError):
 
 class BackendError(EclsnnError, ValueError):
     """An unknown backend name, or a backend that was asked for and cannot run here."""
+
+
+class ThresholdWarning(UserWarning):
+    """A stored threshold (a clip's λ, a neuron's θ) sits at or below the floor that training and conversion
+    keep thresholds above (``eclsnn.core.functional.LAMBDA_MIN``): the layer then passes at most that much
+    per step, and a value below it is used as the floor."""

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +41,9 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
-from eclsnn.errors import CheckpointError
+from eclsnn.errors import CheckpointError, ThresholdWarning
 from eclsnn.io._files import FAULT_ENV, _fault_hit, _fsync_dir, _pid_alive, _write_bytes, git_revision
+from eclsnn.io.limits import MAX_IMAGE_VALUES, MAX_IN_CHANNELS, MAX_NUM_CLASSES, MAX_SEED
 from eclsnn.io.rng_state import capture_rng_state, restore_rng_state
 from eclsnn.io.safetensors_io import (_PICKLE_SUFFIXES, _UNPICKLE_MESSAGE, _decode, _read_json, _read_safetensors,
                                       _refuse_pickle, _state_files)
@@ -87,7 +90,12 @@ def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _cleanup_leftovers(parent: Path, name: str) -> None:
     """Remove ``.tmp-<name>-<pid>`` folders of writers that are no longer running; if `name` is missing
-    but a ``.old-<name>-<pid>`` folder of a dead writer exists, put it back (it is complete)."""
+    but a ``.old-<name>-<pid>`` folder of a dead writer exists, put it back (it is complete).
+
+    Only writers call this (``save_checkpoint``, and ``find_checkpoint`` for a resumed training, which
+    holds the run's lock): reading a checkpoint changes nothing. A leftover that is a symbolic link was
+    not made by eclsnn's writer; the link itself is removed, never followed (it could lead out of the run
+    folder)."""
     if not parent.is_dir():
         return
     dest = parent / name
@@ -97,13 +105,21 @@ def _cleanup_leftovers(parent: Path, name: str) -> None:
             if not pid_text.isdigit() or _pid_alive(int(pid_text)):
                 continue
             try:
-                if prefix == ".old-" and not dest.exists():
+                if leftover.is_symlink():
+                    leftover.unlink()
+                elif prefix == ".old-" and not dest.exists() and _is_plain_checkpoint(leftover):
                     os.replace(leftover, dest)
                     _fsync_dir(parent)
                 else:
                     shutil.rmtree(leftover)
             except OSError:
                 pass  # read-only location: leave it, readers fall back below
+
+
+def _is_plain_checkpoint(folder: Path) -> bool:
+    """A checkpoint folder that is no link and whose metadata is no link: what eclsnn's writer leaves."""
+    meta = folder / META_FILE
+    return not folder.is_symlink() and folder.is_dir() and not meta.is_symlink() and meta.is_file()
 
 
 def save_checkpoint(
@@ -196,33 +212,37 @@ def save_checkpoint(
 
 
 
-def _checkpoint_dir(folder: Path) -> Path | None:
-    """`folder` itself if it is a checkpoint, after recovering a leftover aside copy if needed."""
-    if not folder.exists():
+def _checkpoint_dir(folder: Path, recover: bool = False) -> Path | None:
+    """`folder` itself if it is a checkpoint; else the complete aside copy a writer left when it died
+    between its two renames (``.old-<name>-<pid>``, never a link). With `recover` (writers only) the
+    aside copy is first renamed back into place."""
+    if recover and not folder.exists():
         _cleanup_leftovers(folder.parent, folder.name)
     if (folder / META_FILE).is_file() or (folder / MODEL_FILE).is_file():
         return folder
-    # The writer died between its two renames and the aside copy could not be put back (read-only).
     parent = folder.parent
     if parent.is_dir():
         for old in sorted(parent.glob(f".old-{folder.name}-*")):
-            if (old / META_FILE).is_file():
+            if _is_plain_checkpoint(old):
                 return old
     return None
 
 
 def find_checkpoint(folder: str | Path) -> Path | None:
     """The checkpoint folder `folder` (recovered from an interrupted write if need be), or None if
-    there is no checkpoint there. Used to decide whether a run can be resumed."""
+    there is no checkpoint there. Used by training, under the run's lock, to decide whether a run can be
+    resumed; it may rename a dead writer's aside copy back into place (see :func:`_cleanup_leftovers`)."""
     folder = Path(folder)
     if not folder.parent.is_dir():
         return None
-    return _checkpoint_dir(folder)
+    return _checkpoint_dir(folder, recover=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder for a run folder (its ``checkpoints/last``), a checkpoint folder, or a
-    ``model.safetensors`` / ``meta.json`` file inside one."""
+    ``model.safetensors`` / ``meta.json`` file inside one. Read only: where a writer died between its two
+    renames, the complete aside copy it left is returned as it is (``.old-last-<pid>``), nothing is
+    renamed or removed, and no link to another place is taken for one."""
     p = Path(path)
     if p.is_file():
         if p.name == MODEL_FILE or p.name == META_FILE:
@@ -269,7 +289,10 @@ class Checkpoint:
         structure = _read_json(json_path)
         st_path = self.path / f"{stem}.safetensors"
         tensors = _read_safetensors(st_path) if st_path.is_file() else {}
-        return _decode(structure, tensors, str(json_path))
+        try:
+            return _decode(structure, tensors, str(json_path))
+        except RecursionError:
+            raise CheckpointError(f"{json_path} is nested too deeply to be eclsnn's JSON; the file is corrupt") from None
 
     def load_optimizer_state(self) -> dict[str, Any] | None:
         """The optimizer's ``state_dict()`` as saved, or None if none was saved."""
@@ -311,11 +334,59 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"{meta_path} has format version {version!r}; this eclsnn reads up to {FORMAT_VERSION} — upgrade eclsnn"
         )
+    _check_meta(meta, meta_path)
     model_path = folder / MODEL_FILE
     if not model_path.is_file():
         raise CheckpointError(f"{folder} has no {MODEL_FILE}; the checkpoint is incomplete — use another one")
     state_dict = _read_safetensors(model_path)
     return Checkpoint(path=folder, meta=meta, state_dict=state_dict)
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    """The fields of ``meta.json`` that eclsnn reads, checked for type and size before anything is built
+    from them: a number in the file must not decide how much memory the model takes."""
+
+    def bad(field: str, want: str, value: Any) -> CheckpointError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return CheckpointError(f"{path}: field '{field}' must be {want}, got {shown}; the file is corrupt or was "
+                               "edited — use the checkpoint's own meta.json or another checkpoint")
+
+    def integer(field: str, value: Any, low: int, high: int, why: str = "") -> None:
+        if type(value) is not int or not low <= value <= high:
+            raise bad(field, f"an integer, at least {low} and at most {high}{why}", value)
+
+    def table(field: str, allow_null: bool = False) -> dict[str, Any]:
+        value = meta.get(field)
+        if value is None and (allow_null or field not in meta):
+            return {}
+        if not isinstance(value, dict):
+            raise bad(field, "a JSON object" + (" or null" if allow_null else ""), value)
+        return value
+
+    bound = " (a bound on memory before the model is built)"
+    model = table("model")
+    for key in ("arch", "name"):
+        if key in model and not isinstance(model[key], str):
+            raise bad(f"model.{key}", "a model name (a string)", model[key])
+    if "num_classes" in model:
+        integer("model.num_classes", model["num_classes"], 1, MAX_NUM_CLASSES, bound)
+    if "in_channels" in model:
+        integer("model.in_channels", model["in_channels"], 1, MAX_IN_CHANNELS, bound)
+    dataset = table("dataset")
+    if "num_classes" in dataset:
+        integer("dataset.num_classes", dataset["num_classes"], 1, MAX_NUM_CLASSES, bound)
+    if dataset.get("channels") is not None:
+        integer("dataset.channels", dataset["channels"], 1, MAX_IN_CHANNELS, bound)
+    if dataset.get("image_size") is not None:
+        channels = dataset.get("channels") or 1
+        integer("dataset.image_size", dataset["image_size"], 1, math.isqrt(MAX_IMAGE_VALUES // channels),
+                f" for {channels} channel(s): one image of at most {MAX_IMAGE_VALUES} values")
+    if "epoch" in meta:
+        integer("epoch", meta["epoch"], 0, 2**31 - 1)
+    if "seed" in meta:
+        integer("seed", meta["seed"], 0, MAX_SEED)
+    table("config", allow_null=True)
 
 
 def _diff_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
@@ -330,6 +401,15 @@ def _diff_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[s
         and tuple(own[k].shape) != tuple(state_dict[k].shape)
     ]
 
+    # load_state_dict casts silently: a float weight stored as int8 or bool would come back rounded
+    dtypes = [
+        f"{k}: checkpoint {str(state_dict[k].dtype).removeprefix('torch.')} vs model {str(own[k].dtype).removeprefix('torch.')}"
+        for k in own
+        if k in state_dict and torch.is_tensor(state_dict[k])
+        and not (state_dict[k].dtype == own[k].dtype
+                 or (state_dict[k].dtype.is_floating_point and own[k].dtype.is_floating_point))
+    ]
+
     def few(items: list[str]) -> str:
         return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
 
@@ -340,6 +420,8 @@ def _diff_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[s
         problems.append(f"not in the model: {few(unexpected)}")
     if shapes:
         problems.append(f"shape mismatch: {few(shapes)}")
+    if dtypes:
+        problems.append(f"dtype mismatch (weights are stored as floating point): {few(dtypes)}")
     return problems
 
 
@@ -384,7 +466,35 @@ def build_model(ckpt: Checkpoint) -> nn.Module:
         )
     _materialise_lazy(model, state)
     load_weights(model, state, what=f"checkpoint {ckpt.path}")
+    _check_thresholds(model, ckpt.path)
     return model.eval()
+
+
+def _check_thresholds(model: nn.Module, path: Path) -> None:
+    """Refuse a clip threshold λ that is not finite; warn where λ sits at or below the floor
+    ``LAMBDA_MIN`` that the clip uses instead (training can push the raw parameter there, since the
+    straight-through gradient still reaches it: the network then passes at most the floor per step)."""
+    from eclsnn.core.clip import ThresholdClip
+    from eclsnn.core.functional import LAMBDA_MIN
+
+    for name, mod in model.named_modules():
+        if not isinstance(mod, ThresholdClip) or isinstance(mod.threshold_raw, nn.parameter.UninitializedParameter):
+            continue
+        raw = mod.threshold_raw.detach()
+        if not torch.isfinite(raw).all():
+            raise CheckpointError(f"checkpoint {path}: the clip threshold λ of {name!r} is not finite "
+                                  f"({_few_values(raw[~torch.isfinite(raw)])}); the checkpoint is corrupt — use another one")
+        floor = torch.tensor(LAMBDA_MIN, dtype=raw.dtype)
+        low = raw <= floor
+        if low.any():
+            warnings.warn(f"checkpoint {path}: the clip threshold λ of {name!r} is {_few_values(raw[low])}, at or "
+                          f"below the floor {LAMBDA_MIN} that the clip and its spiking neurons use instead; that "
+                          "layer passes almost nothing", ThresholdWarning, stacklevel=3)
+
+
+def _few_values(t: torch.Tensor) -> str:
+    values = [f"{v:.4g}" for v in t.flatten()[:4].tolist()]
+    return ", ".join(values) + (f" and {t.numel() - 4} more" if t.numel() > 4 else "")
 
 
 def _describe_kwargs(kwargs: dict[str, Any]) -> str:

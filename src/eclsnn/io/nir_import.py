@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import keyword
 import math
 import operator
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +19,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from eclsnn.errors import ConversionError
+from eclsnn.errors import ConversionError, ThresholdWarning
+from eclsnn.core.functional import LAMBDA_MIN
 from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron
 from eclsnn.simulation.network import SpikingNetwork
 from eclsnn.io._nir_common import META, _above, _below, _nir, _pair
+from eclsnn.io.limits import load_limit_hint, max_load_bytes
+
+_MAX_STATE = 2.0**24  # |v_init|, |theta_neg| in units of θ: beyond, float32 cannot subtract one θ exactly
 
 class NIRScale(nn.Module):
     """Elementwise product with a fixed array (NIR ``Scale``); the array has the shape of one sample."""
@@ -49,8 +56,27 @@ def _py(v):
 
 
 def _identifier(name: str) -> str:
-    """A module path: word characters in each dot-separated part (digits allowed, as in nn.Sequential)."""
-    return ".".join(re.sub(r"\W", "_", p) or "_" for p in str(name).split("."))
+    """A module path: word characters in each dot-separated part (digits allowed, as in nn.Sequential),
+    none of them a Python keyword or an attribute of the module that holds it (``forward``, ``training``,
+    ``graph``, ...): those get a trailing ``_``, since a metadata record may name anything."""
+    return ".".join(_safe_part(p) for p in str(name).split("."))
+
+
+def _safe_part(part: str) -> str:
+    part = re.sub(r"\W", "_", part) or "_"
+    if part.isdigit():
+        return part
+    if part.startswith("__"):  # Python's own names
+        part = "n" + part
+    while keyword.iskeyword(part) or part in _reserved_names():
+        part += "_"
+    return part
+
+
+@functools.lru_cache(maxsize=1)
+def _reserved_names() -> frozenset[str]:
+    """Attribute names of an fx.GraphModule (and so of every nn.Module inside one)."""
+    return frozenset(dir(fx.GraphModule(nn.Module(), fx.Graph())))
 
 
 def _per_channel(full: np.ndarray, what: str) -> np.ndarray:
@@ -62,18 +88,6 @@ def _per_channel(full: np.ndarray, what: str) -> np.ndarray:
     if not (c == c[:, :1]).all():
         raise ConversionError(f"NIR import: {what} varies within a channel; eclsnn's neurons have one θ per channel")
     return c[:, 0].copy()
-
-
-def _theta_tensor(theta: np.ndarray, record: dict[str, Any]) -> torch.Tensor:
-    """θ as eclsnn holds it: one number for a layer-wise θ, ``[C]`` for a per-channel one (the metadata
-    says which; without it, per-channel only where the channels differ)."""
-    uniform = bool((theta == theta[0]).all())
-    per_channel = record.get("per_channel")
-    if (per_channel is None and uniform) or (per_channel is not None and not int(per_channel)):
-        if not uniform:
-            raise ConversionError("NIR import: the metadata says one θ per layer but the graph has one per channel")
-        return torch.tensor(float(theta[0]))
-    return torch.from_numpy(theta)
 
 
 @dataclass
@@ -136,7 +150,7 @@ class _Importer:
         thr = np.asarray(self.nodes[fire].threshold, dtype=np.float32)
         record = {k: _py(x) for k, x in _meta(node_v).items()}
         if "v_init" in record:
-            v_init = float(record["v_init"])
+            v_init = self.number(record, "v_init", v)
             expected = _below((theta_full.astype(np.float64) * (1.0 - v_init)).astype(np.float32))
             if not np.array_equal(np.broadcast_to(thr, theta_full.shape), expected):
                 raise self.error(fire, f"the threshold does not match the metadata's v_init = {v_init}: the file was "
@@ -147,7 +161,7 @@ class _Importer:
             if not np.allclose(ratio, ratio.flat[0], rtol=0, atol=1e-6):
                 raise self.error(fire, "the threshold is not one fraction of θ; eclsnn's v_init is one number per layer")
             v_init = float(ratio.flat[0])
-        module = self.make_neuron(record, _theta_tensor(theta, record), v_init, v)
+        module = self.make_neuron(record, self.theta_tensor(theta, record, v), v_init, v)
         inputs = [p for p in self.preds[v] if p != reset]
         return _Neuron(out, inputs, module, (v, fire, reset), str(record.get("module") or out))
 
@@ -160,18 +174,54 @@ class _Importer:
         if not np.all(np.asarray(node_.r) == 1):
             raise self.error(name, "r != 1 (one step adds the input once in eclsnn)")
         theta = _per_channel(np.asarray(node_.v_threshold, dtype=np.float32), f"v_threshold of {name!r}")
-        module = self.make_neuron(record, _theta_tensor(theta, record), float(record["v_init"]), name)
+        module = self.make_neuron(record, self.theta_tensor(theta, record, name), self.number(record, "v_init", name), name)
         shape = np.asarray(node_.v_threshold).shape
         inv = np.broadcast_to((1.0 / theta).reshape(-1, *([1] * (len(shape) - 1))), shape).astype(np.float32)
         return _Neuron(name, list(self.preds[name]), module, (), str(record.get("module") or name), inv)
 
+    def number(self, record: dict[str, Any], key: str, name: str, default: float | None = None) -> float:
+        """A number of the metadata: finite, and within ±2^24 (beyond, float32 can no longer subtract one θ
+        from a membrane of that many θ exactly, so the neuron's reset would be lost)."""
+        value = record.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(name, f"the metadata's {key} = {value!r} is not a number")
+        return self.bounded(float(value), key, name)
+
+    def bounded(self, value: float, what: str, name: str) -> float:
+        if not math.isfinite(value) or abs(value) > _MAX_STATE:
+            raise self.error(name, f"{what} = {value} is not a finite number within ±2^24 (in units of θ)")
+        return value
+
     def make_neuron(self, record, theta, v_init: float, name: str) -> nn.Module:
+        if not torch.isfinite(theta).all() or (theta <= 0).any():
+            raise self.error(name, f"θ = {theta.flatten()[:4].tolist()}: thresholds must be finite and positive")
+        if (theta <= torch.tensor(LAMBDA_MIN, dtype=theta.dtype)).any():
+            warnings.warn(f"NIR import: neuron layer {name!r} has θ at the floor {LAMBDA_MIN} (it never fired on its "
+                          "calibration data, or its λ collapsed in training); it passes almost nothing",
+                          ThresholdWarning, stacklevel=2)
+        v_init = self.bounded(v_init, "v_init", name)
         kind = record.get("neuron", "if")
         if kind == "dual":
-            return DualThresholdIFNeuron(theta, v_init=v_init, theta_neg=float(record.get("theta_neg", 0.0)))
+            theta_neg = self.number(record, "theta_neg", name, 0.0)
+            if not theta_neg < 1.0:
+                raise self.error(name, f"theta_neg = {theta_neg} must be below 1 (the positive threshold, in units of θ)")
+            return DualThresholdIFNeuron(theta, v_init=v_init, theta_neg=theta_neg)
         if kind != "if":
             raise self.error(name, f"unknown eclsnn neuron kind {kind!r} in the metadata")
         return IFNeuron(theta, v_init=v_init)
+
+    def theta_tensor(self, theta: np.ndarray, record: dict[str, Any], name: str) -> torch.Tensor:
+        """θ as eclsnn holds it: one number for a layer-wise θ, ``[C]`` for a per-channel one (the metadata
+        says which; without it, per-channel only where the channels differ)."""
+        uniform = bool((theta == theta[0]).all())
+        per_channel = record.get("per_channel")
+        if per_channel is not None and per_channel not in (0, 1):  # (False and True are 0 and 1)
+            raise self.error(name, f"the metadata's per_channel = {per_channel!r} is not 0 or 1")
+        if (per_channel is None and uniform) or (per_channel is not None and not per_channel):
+            if not uniform:
+                raise self.error(name, "the metadata says one θ per layer but the graph has one per channel")
+            return torch.tensor(float(theta[0]))
+        return torch.from_numpy(theta)
 
     # -- other nodes ------------------------------------------------------------------------------
     def module_for(self, name: str) -> nn.Module:
@@ -331,7 +381,7 @@ class _Importer:
         if "settings" in record:
             try:
                 settings = dict(json.loads(str(record["settings"])))
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, RecursionError):
                 settings = {}
         if not settings:
             mods = [n.module for n in neurons.values()]
@@ -356,7 +406,56 @@ def from_nir(graph) -> SpikingNetwork:
         return read_nir(graph)
     if not isinstance(graph, nir.NIRGraph):
         raise ConversionError(f"expected a nir.NIRGraph or the path of a .nir file, got {type(graph).__name__}")
-    return _check_imported(_Importer(graph).run())
+    declared = _declared_bytes(graph)
+    if declared > max_load_bytes():
+        raise ConversionError(f"NIR import: the graph's arrays take {declared} bytes as float32, {load_limit_hint(declared)}")
+    try:
+        snn = _Importer(graph).run()
+    except ConversionError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, RecursionError,
+            ZeroDivisionError, OverflowError, SyntaxError) as exc:
+        # A graph can hold anything; what the checks above did not foresee is still the file's fault.
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConversionError(f"NIR import: the graph cannot be read as an eclsnn network ({type(exc).__name__}: "
+                              f"{first[:200]})") from None
+    return _check_imported(snn)
+
+
+def _declared_bytes(graph) -> int:
+    """The bytes the graph's arrays (node fields and metadata, nested graphs included) take as float32 (at
+    least), counted from their shapes before anything is copied (a broadcast view declares its full size)."""
+    total, stack, seen = 0, [graph], set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray):
+            total += int(obj.size) * max(4, obj.dtype.itemsize)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dataclass_fields__"):
+            stack.extend(getattr(obj, f, None) for f in obj.__dataclass_fields__)
+    return total
+
+
+def _declared_file_bytes(path: Path) -> int:
+    """The bytes the datasets of a NIR (HDF5) file declare, read from their shapes without reading them."""
+    import h5py
+
+    total = 0
+
+    def visit(_name, obj):
+        nonlocal total
+        if isinstance(obj, h5py.Dataset):
+            total += int(obj.size or 0) * max(4, obj.dtype.itemsize)
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return total
 
 
 def _check_imported(snn: SpikingNetwork) -> SpikingNetwork:
@@ -380,7 +479,11 @@ def read_nir(path: str | os.PathLike) -> SpikingNetwork:
     if not path.is_file():
         raise ConversionError(f"NIR file {path} not found")
     try:
-        graph = nir.read(path)
+        declared = _declared_file_bytes(path)
+        if declared <= max_load_bytes():
+            graph = nir.read(path)
     except Exception as exc:  # noqa: BLE001 - h5py raises OSError, KeyError, ValueError on foreign files
         raise ConversionError(f"{path} is not a readable NIR file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if declared > max_load_bytes():
+        raise ConversionError(f"NIR file {path} declares {declared} bytes of arrays, {load_limit_hint(declared)}")
     return from_nir(graph)

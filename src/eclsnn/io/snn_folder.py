@@ -3,8 +3,8 @@ conversion settings (JSON) and the thresholds θ (safetensors), never a pickled 
 
 from __future__ import annotations
 
-import json
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,8 +14,9 @@ from torch import nn
 
 from eclsnn._util import atomic_write_json
 from eclsnn.conversion.converter import convert
-from eclsnn.errors import CheckpointError
+from eclsnn.errors import CheckpointError, ThresholdWarning
 from eclsnn.io.checkpoint import Checkpoint, build_model, load_checkpoint, resolve_checkpoint
+from eclsnn.io.safetensors_io import _read_json, _read_safetensors
 from eclsnn.simulation import SpikingNetwork
 
 __all__ = ["SNN_SPEC", "SNN_THRESHOLDS", "load_ann", "convert_kwargs", "save_snn", "is_snn_folder", "load_snn"]
@@ -61,21 +62,58 @@ def is_snn_folder(path: str | os.PathLike) -> bool:
 
 def load_snn(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SpikingNetwork, nn.Module, Checkpoint, dict]:
     """Rebuild a saved SNN by converting its ANN checkpoint again with the stored settings and θ."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
-    try:
-        spec = json.loads((folder / SNN_SPEC).read_text())
-        thetas = load_file(str(folder / SNN_THRESHOLDS))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read the SNN in {folder}: {exc}; convert the checkpoint again with 'eclsnn convert'") from None
-    if spec.get("format") != "eclsnn-snn":
-        raise CheckpointError(f"{folder / SNN_SPEC} is not an eclsnn SNN description")
+    spec_path, thetas_path = folder / SNN_SPEC, folder / SNN_THRESHOLDS
+    for path in (spec_path, thetas_path):
+        if not path.is_file():
+            raise CheckpointError(f"cannot read the SNN in {folder}: {path.name} is missing; convert the checkpoint "
+                                  "again with 'eclsnn convert'")
+    spec = _read_json(spec_path)
+    _check_spec(spec, spec_path)
+    thetas = _read_safetensors(thetas_path)
+    _check_thetas(thetas, thetas_path)
     model, ckpt = load_ann(spec["checkpoint"], device)
     kwargs = convert_kwargs(spec["convert"])
     relu_thetas = {k: v for k, v in thetas.items() if not _is_clip_layer(model, k)}
     snn = convert(model, thresholds=relu_thetas or None, **kwargs)
     return snn, model, ckpt, spec
+
+
+def _check_spec(spec: Any, path: Path) -> None:
+    """The fields of ``snn.json`` that :func:`load_snn` reads: a format marker, the checkpoint's path, the
+    conversion settings (their values are checked by :func:`eclsnn.convert`)."""
+    again = "; convert the checkpoint again with 'eclsnn convert'"
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{path} must be a JSON object, got {type(spec).__name__}{again}")
+    if spec.get("format") != "eclsnn-snn":
+        raise CheckpointError(f"{path} is not an eclsnn SNN description (no \"format\": \"eclsnn-snn\")")
+    if not isinstance(spec.get("checkpoint"), str) or not spec["checkpoint"]:
+        raise CheckpointError(f"{path}: field 'checkpoint' must be the path of the ANN checkpoint (a string), got "
+                              f"{spec.get('checkpoint')!r}{again}")
+    if not isinstance(spec.get("convert"), dict):
+        raise CheckpointError(f"{path}: field 'convert' must be a JSON object of conversion settings, got "
+                              f"{spec.get('convert')!r}{again}")
+
+
+def _check_thetas(thetas: dict[str, torch.Tensor], path: Path) -> None:
+    """θ as :func:`eclsnn.convert` writes them: floating point, finite, positive, one number or one per
+    channel. Conversion clamps θ to the floor ``LAMBDA_MIN``; a stored value at it is a layer that never
+    fired on the calibration data (or whose λ collapsed), which a warning says."""
+    from eclsnn.core.functional import LAMBDA_MIN
+
+    for name, theta in thetas.items():
+        if not theta.dtype.is_floating_point or theta.dim() > 1:
+            raise CheckpointError(f"{path}: θ of {name!r} is stored as {str(theta.dtype).removeprefix('torch.')} of "
+                                  f"shape {tuple(theta.shape)}, not as floating-point numbers (one, or one per "
+                                  "channel); convert the checkpoint again with 'eclsnn convert'")
+        if not torch.isfinite(theta).all() or (theta <= 0).any():
+            bad = theta[~torch.isfinite(theta) | (theta <= 0)].flatten()[:4].tolist()
+            raise CheckpointError(f"{path}: θ of {name!r} holds {bad}; thresholds must be finite and positive. The file "
+                                  "is corrupt; convert the checkpoint again with 'eclsnn convert'")
+        if (theta <= torch.tensor(LAMBDA_MIN, dtype=theta.dtype)).any():
+            warnings.warn(f"{path}: θ of {name!r} sits at the floor {LAMBDA_MIN} (the layer never fired on the "
+                          "calibration data, or its λ collapsed in training); it passes almost nothing",
+                          ThresholdWarning, stacklevel=3)
 
 
 def _is_clip_layer(model: nn.Module, name: str) -> bool:

@@ -10,6 +10,7 @@ and the global RNG, so that an unchanged resumed run is bit-identical to an unin
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from eclsnn.config import Config, TrainConfig, config_to_dict
-from eclsnn.errors import ConfigError
+from eclsnn.errors import CheckpointError, ConfigError
 from eclsnn.io.checkpoint import Checkpoint, find_checkpoint, load_checkpoint, load_weights, restore_rng_state
 from eclsnn.training.distributed import Dist
 from eclsnn.training.run_files import Progress
@@ -85,21 +86,29 @@ def restore(ckpt: Checkpoint, changes: list[str], t: TrainConfig, model: nn.Modu
             optimizer: torch.optim.Optimizer, scheduler, scaler, steps_per_epoch: int,
             device: torch.device) -> Progress:
     """Load ``ckpt`` into the model, optimizer, scheduler, GradScaler and the global RNG (in that
-    order, the RNG last); re-apply the optimizer settings if any changed; return the run's progress."""
+    order, the RNG last); re-apply the optimizer settings if any changed; return the run's progress.
+    A state file that does not fit (wrong types, another optimizer) is a CheckpointError naming it."""
     load_weights(model, ckpt.state_dict, what=f"checkpoint {ckpt.path}")
     opt_state = ckpt.load_optimizer_state()
     sched_state = ckpt.load_scheduler_state()
     if opt_state is None or sched_state is None:
         raise ConfigError(f"checkpoint {ckpt.path} has no optimizer/scheduler state, so the run cannot be resumed")
-    opt_state = _to_device(opt_state, device)
-    optimizer.load_state_dict(opt_state)
-    scheduler.load_state_dict(sched_state)
-    extra = ckpt.load_extra_state() or {}
-    progress = Progress(history=list(extra.get("history") or []), best_epoch=extra.get("best_epoch"),
-                        best_val_acc=extra.get("best_val_acc"))
+    with _state_file(ckpt, "optimizer.json"):
+        optimizer.load_state_dict(_to_device(_expect(opt_state, dict, ckpt, "optimizer.json"), device))
+    with _state_file(ckpt, "scheduler.json"):
+        scheduler.load_state_dict(_expect(sched_state, dict, ckpt, "scheduler.json"))
+    extra = _expect(ckpt.load_extra_state() or {}, dict, ckpt, "extra.json")
+    progress = Progress(history=_expect(extra.get("history") or [], list, ckpt, "extra.json", "history"),
+                        best_epoch=_expect(extra.get("best_epoch"), (int, type(None)), ckpt, "extra.json", "best_epoch"),
+                        best_val_acc=_expect(extra.get("best_val_acc"), (int, float, type(None)), ckpt, "extra.json",
+                                             "best_val_acc"))
+    if not all(isinstance(m, dict) and type(m.get("epoch")) is int for m in progress.history):
+        raise CheckpointError(f"{ckpt.path / 'extra.json'}: field 'history' must list one object per epoch, each with its "
+                              "epoch number; the checkpoint is corrupt — use another one")
     if extra.get("grad_scaler") and scaler.is_enabled():
-        scaler.load_state_dict(extra["grad_scaler"])
-    progress.start_epoch = int(ckpt.meta["epoch"]) + 1
+        with _state_file(ckpt, "extra.json"):
+            scaler.load_state_dict(_expect(extra["grad_scaler"], dict, ckpt, "extra.json", "grad_scaler"))
+    progress.start_epoch = _expect(ckpt.meta.get("epoch"), int, ckpt, "meta.json", "epoch") + 1
     if t.snn_epochs and (progress.best_epoch is None or not in_the_loop(t, progress.best_epoch)):
         # the best checkpoint is chosen among the epochs with the SNN in the loop, by the SNN's accuracy
         progress.best_epoch = progress.best_val_acc = None
@@ -107,8 +116,32 @@ def restore(ckpt: Checkpoint, changes: list[str], t: TrainConfig, model: nn.Modu
         apply_hyperparameters(optimizer, scheduler, steps_per_epoch, t)
     rng = ckpt.load_rng_state()
     if rng:
-        restore_rng_state(rng)
+        with _state_file(ckpt, "rng.json"):
+            restore_rng_state(_expect(rng, dict, ckpt, "rng.json"))
     return progress
+
+
+def _expect(value: Any, kind, ckpt: Checkpoint, name: str, field: str | None = None) -> Any:
+    """``value`` if it is of ``kind`` (bool is no number here), else a CheckpointError naming the file and field."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool)):
+        return value
+    where = f"field '{field}'" if field else "its content"
+    raise CheckpointError(f"{ckpt.path / name}: {where} is a {type(value).__name__} ({str(value)[:60]}), which eclsnn "
+                          "never writes there; the checkpoint is corrupt — use another one")
+
+
+@contextlib.contextmanager
+def _state_file(ckpt: Checkpoint, name: str):
+    """Turn what torch raises on a state that does not fit its object into a CheckpointError naming the file."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(f"{ckpt.path / name} does not fit this run ({type(exc).__name__}: {first[:200]}); the "
+                              "checkpoint is corrupt or from another optimizer or schedule — use another one") from None
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
