@@ -222,7 +222,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _, out = run_evaluate(args.checkpoint, _overrides(args, {**_CONVERT_FLAGS, **_EVAL_FLAGS}), getattr(args, "config", None),
                           device=args.device, progress=not args.no_progress, adaptive=args.adaptive,
                           max_accuracy_loss=args.max_accuracy_loss, json_out=args.json_out)
-    print(f"results: {out}")
+    if out is not None:  # (under torchrun only rank 0 prints and writes)
+        print(f"results: {out}")
     return 0
 
 
@@ -257,6 +258,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         output=args.output, batch_size=args.batch_size, data_dir=args.data_dir, device=args.device,
         progress=not args.no_progress,
     )
+    if out is None:  # under torchrun only rank 0 prints and writes
+        return 0
     print(f"{args.split} split, {results['num_samples']} images, T = {results['time_steps']}\n")
     print(format_analysis(results))
     print(f"\nwritten: {out / 'analysis.json'}, {out / 'analysis.md'}, {out / 'analysis.png'}")

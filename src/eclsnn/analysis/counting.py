@@ -159,6 +159,15 @@ class _OpCounter:
                 self._pools.setdefault(info["pool"], []).append(name)
         self._gm = gm
 
+    def reduce(self, reduce) -> None:
+        """Add up the operation counts over processes (``reduce(tensor, op)``); per-image ANN MACs are the
+        same everywhere (max), a layer is foldable if it is on every process (min)."""
+        for st in self.stats.values():
+            st["snn_sops"], st["snn_macs"], st["snn_sops_pool_folded"] = (int(v) for v in reduce(
+                torch.tensor([st["snn_sops"], st["snn_macs"], st["snn_sops_pool_folded"]], dtype=torch.int64)))
+            st["ann_macs"] = int(reduce(torch.tensor([st["ann_macs"]], dtype=torch.int64), "max")[0])
+            st["foldable"] = bool(reduce(torch.tensor([int(st["foldable"])], dtype=torch.int64), "min")[0])
+
     def _fan(self, key, make):
         if key not in self._fanout:
             self._fanout[key] = make()

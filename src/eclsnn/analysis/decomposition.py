@@ -132,6 +132,17 @@ class _NeuronRecorder:
         self.negative += int(torch.count_nonzero(out < 0))
         return i_mean
 
+    def reduce(self, reduce) -> None:
+        """Add up this layer's sums and counts over processes (``reduce(tensor, op)``)."""
+        keys = sorted(self.sums)
+        if keys:
+            sums = reduce(torch.tensor([self.sums[k] for k in keys], dtype=torch.float64))
+            self.sums = dict(zip(keys, sums.tolist()))
+        self.elements, self.positive, self.negative = (int(v) for v in reduce(
+            torch.tensor([self.elements, self.positive, self.negative], dtype=torch.int64)))
+        self.time_steps, self.neurons_per_sample = (int(v) for v in reduce(
+            torch.tensor([self.time_steps, self.neurons_per_sample], dtype=torch.int64), "max"))
+
     def result(self) -> dict[str, Any]:
         n = max(self.elements, 1)
         if self.neuron.theta.numel() == 1:
@@ -190,6 +201,15 @@ class _PoolRecorder:
         self.elements += r_out.numel()
         self.positive += int(torch.count_nonzero(out > 0))
         self.negative += int(torch.count_nonzero(out < 0))
+
+    def reduce(self, reduce) -> None:
+        sums = reduce(torch.tensor([self.sums["bias.abs"], self.sums["bias.signed"]], dtype=torch.float64))
+        self.sums["bias.abs"], self.sums["bias.signed"] = sums.tolist()
+        self.sums["self"] = float(reduce(torch.tensor([self.sums["self"]], dtype=torch.float64), "max")[0])
+        self.elements, self.positive, self.negative = (int(v) for v in reduce(
+            torch.tensor([self.elements, self.positive, self.negative], dtype=torch.int64)))
+        self.time_steps, self.outputs_per_sample = (int(v) for v in reduce(
+            torch.tensor([self.time_steps, self.outputs_per_sample], dtype=torch.int64), "max"))
 
     def result(self) -> dict[str, Any]:
         n = max(self.elements, 1)
@@ -253,10 +273,13 @@ def analyze(
     loader: Iterable,
     time_steps: int,
     progress: str | None = None,
+    reduce=None,
 ) -> dict[str, Any]:
     """Run every variant for ``time_steps`` steps on the ``(x, y)`` batches of ``loader`` and measure,
     per layer, the three errors, firing rates and operations (module docstring). ``model`` (the ANN,
-    optional) gives the ANN accuracy. Returns a JSON-able dict; operations are per image."""
+    optional) gives the ANN accuracy. ``reduce(tensor, op="sum")`` combines counts and sums over
+    processes when each saw a shard of the data (None: one process). Returns a JSON-able dict;
+    operations are per image."""
     T = check_time_steps(time_steps)
     if not variants:
         raise SimulationError("no SNN variants to analyse")
@@ -282,6 +305,13 @@ def analyze(
                 handle.remove()
             correct[v] += (out[-1].argmax(-1) == y.to(out.device)).sum().item()
         total += y.shape[0]
+    if reduce is not None:
+        correct_ann, total = (int(v) for v in reduce(torch.tensor([correct_ann, total], dtype=torch.int64)))
+        for v in variants:
+            correct[v] = int(reduce(torch.tensor([correct[v]], dtype=torch.int64))[0])
+            for r in (*recorders[v].values(), *pools[v].values()):
+                r.reduce(reduce)
+            counters[v].reduce(reduce)
     if total == 0:
         raise SimulationError("no samples to analyse")
 

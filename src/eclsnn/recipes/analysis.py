@@ -11,6 +11,7 @@ from eclsnn.analysis import analyze, format_analysis, plot_analysis
 from eclsnn.recipes.common import eval_loader, load_ann, load_split, write_json
 from eclsnn.recipes.settings import layered_config
 from eclsnn.recipes.conversion import convert_checkpoint, relu_thresholds
+from eclsnn.recipes.sharding import shard_from_env
 from eclsnn.recipes.variants import DEMO_VARIANTS, variant_name
 from eclsnn.simulation import check_time_steps
 
@@ -45,8 +46,20 @@ def analyze_checkpoint(
     keyword arguments) on ``split``; ReLU networks get their thresholds from the validation split
     (the rule and batch count of the checkpoint's ``[convert]`` settings), computed once and shared
     by every variant. Writes ``analysis.json``, ``analysis.md`` and ``analysis.png`` into ``output``
-    (default: ``RUN/analysis``). Returns the results and the output folder."""
+    (default: ``RUN/analysis``). Returns the results and the output folder. Under ``torchrun`` the split
+    is sharded over the processes (:mod:`eclsnn.recipes.sharding`); every rank returns the combined
+    results, only rank 0 writes (the other ranks get None for the folder)."""
     check_time_steps(time_steps)
+    shard = shard_from_env(device)
+    try:
+        return _analyze(checkpoint, variants, time_steps, split, max_samples, output, batch_size, data_dir, shard,
+                        progress and shard.is_main)
+    finally:
+        shard.close()
+
+
+def _analyze(checkpoint, variants, time_steps, split, max_samples, output, batch_size, data_dir, shard, progress):
+    device = shard.device
     model, ckpt = load_ann(checkpoint, device)
     cfg = layered_config({"data.data_dir": data_dir} if data_dir else {}, None, ckpt.meta.get("config"))
     seed = ckpt.meta.get("seed", cfg.train.seed)
@@ -55,8 +68,11 @@ def analyze_checkpoint(
     snns = convert_checkpoint(model, ckpt, cfg, {k: {"theta_neg": 0.0, **kw} for k, kw in variants.items()}, device,
                               thresholds=thresholds)
     dataset, indices = load_split(cfg.data, split, seed, max_samples)
-    loader = eval_loader(dataset, indices, batch_size, device)
-    results = analyze(model, snns, loader, time_steps, progress=f"analyze T={time_steps}" if progress else None)
+    loader = eval_loader(dataset, shard.take(indices), batch_size, device)
+    results = analyze(model, snns, loader, time_steps, progress=f"analyze T={time_steps}" if progress else None,
+                      reduce=shard.reduce if shard.enabled else None)
+    if not shard.is_main:
+        return results, None
     out = Path(output) if output else ckpt.path.parent.parent / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     results.update(checkpoint=str(ckpt.path), split=split, seed=seed, convert_variants=variants,

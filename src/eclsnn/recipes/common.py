@@ -71,27 +71,32 @@ def calibration_batches(data: DataConfig, seed: int, batch_size: int, num_batche
 
 @torch.no_grad()
 def evaluate_variants(
-    model: nn.Module, loader: Iterable, time_steps: int, variants: dict[str, SpikingNetwork],
+    model: nn.Module, loader: Iterable, time_steps: int, variants: dict[str, SpikingNetwork], reduce=None,
 ) -> dict[str, Any]:
     """ANN accuracy and, for each converted variant, SNN accuracy at every t = 1…T, in one pass over
-    the data (each batch is loaded once and run through every network)."""
+    the data (each batch is loaded once and run through every network). ``reduce(tensor)`` sums integer
+    counts over processes (:mod:`eclsnn.recipes.sharding`; None: this process's data is all)."""
     T = check_time_steps(time_steps)
     model.eval()
-    correct_ann, total = 0, 0
+    counts = torch.zeros(2, dtype=torch.long)  # ANN correct, samples
     correct = {name: torch.zeros(T, dtype=torch.long) for name in variants}
     for x, y in loader:
-        correct_ann += (model(x).argmax(-1) == y).sum().item()
+        counts[0] += (model(x).argmax(-1) == y).sum().item()
         for name, snn in variants.items():
             out = simulate(snn, x, T)
             correct[name] += (out.argmax(-1) == y).sum(1).cpu()
-        total += y.shape[0]
+        counts[1] += y.shape[0]
+    if reduce is not None:
+        counts = reduce(counts)
+        correct = {name: reduce(c) for name, c in correct.items()}
+    correct_ann, total = int(counts[0]), int(counts[1])
     if total == 0:
         raise SimulationError("no samples to evaluate")
     return {
         "num_samples": total,
         "time_steps": T,
         "ann_accuracy": correct_ann / total,
-        "snn_accuracy": {name: {str(t + 1): c[t].item() / total for t in range(T)} for name, c in correct.items()},
+        "snn_accuracy": {name: {str(t + 1): int(c[t]) / total for t in range(T)} for name, c in correct.items()},
     }
 
 
