@@ -10,7 +10,8 @@ checks this for every kernel, and the simulator's spike-for-spike test runs thro
 
 The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``) into
 a per-user cache (``$ECLSNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/eclsnn`` or ``~/.cache/eclsnn``) and
-loaded with ctypes. Built with ``-fopenmp`` the kernels run on ``torch.get_num_threads()`` threads of
+loaded with ctypes; :mod:`._library` does this, and uses only cache folders and libraries that the user
+owns and no one else can write (a damaged library is rebuilt). Built with ``-fopenmp`` the kernels run on ``torch.get_num_threads()`` threads of
 the OpenMP runtime torch itself has loaded (the same shared library, so the two never compete for
 cores); without OpenMP they run on one thread. Nothing is downloaded. Without a compiler eclsnn warns once and uses the PyTorch
 reference path (same results, slower). Which calls run here is decided by the backend choice and the
@@ -22,14 +23,6 @@ and unusual memory layouts always take the reference path.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import sysconfig
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -37,15 +30,13 @@ from pathlib import Path
 import torch
 
 from eclsnn.errors import BackendError
+from eclsnn.core.backends import _library
 from eclsnn.core.backends.selection import default_backend, env_backend, reference_only
 
 __all__ = ["available", "built", "enabled", "reference_only", "openmp", "build_error", "is_dense", "neuron_run",
            "neuron_pool_run", "clip_forward", "clip_backward"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
-# No fused multiply-add and no fast-math: the values must be those of the reference. -fno-trapping-math
-# changes no value (it only lets the compiler ignore floating-point traps) but lets floor vectorise.
-_BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math"]
 _MIN_PER_THREAD = 1 << 15  # elements; smaller jobs run on the calling thread
 _CLIP_CHUNK = 1 << 12  # elements per partial sum of the λ-gradient (fixed: results do not depend on threads)
 
@@ -53,68 +44,6 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 _tried = False
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("ECLSNN_CACHE_DIR")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "eclsnn"
-
-
-def _compiler() -> str | None:
-    candidates = [os.environ.get("CC", ""), (sysconfig.get_config_var("CC") or "").split(" ")[0], "cc", "gcc", "clang"]
-    for cand in candidates:
-        if cand and shutil.which(cand):
-            return shutil.which(cand)
-    return None
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: a library built for one CPU must not be loaded on another that
-    shares the cache folder."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features", "CPU part"))]
-        return platform.machine() + "|" + "|".join(sorted(set(lines)))
-    except OSError:
-        return platform.machine() + "|" + platform.processor()
-
-
-def _build() -> ctypes.CDLL:
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set $CC or install gcc)")
-    source = _SOURCE.read_bytes()
-    errors = []
-    # -march=native first (vectorised floor, wider registers); then the portable baseline.
-    for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
-        flags = _BASE_FLAGS + extra
-        key = hashlib.sha256(source + " ".join([cc, *flags, sys.platform, _cpu_signature()]).encode()).hexdigest()[:16]
-        for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"eclsnn-{os.getuid() if hasattr(os, 'getuid') else 0}"):
-            target = folder / f"kernels-{key}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
-            if target.is_file():
-                try:
-                    return ctypes.CDLL(str(target))
-                except OSError as exc:  # a corrupt cache entry: rebuild it
-                    errors.append(f"{target}: {exc}")
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = folder / f".{target.name}.{os.getpid()}.tmp"
-                proc = subprocess.run([cc, *flags, "-o", str(tmp), str(_SOURCE), "-lm"], capture_output=True,
-                                      text=True, timeout=120)
-                if proc.returncode != 0:
-                    errors.append(f"{' '.join(extra) or 'baseline'}: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
-                    tmp.unlink(missing_ok=True)
-                    break  # the same flags fail in any folder
-                os.replace(tmp, target)
-                return ctypes.CDLL(str(target))
-            except (OSError, subprocess.SubprocessError) as exc:
-                errors.append(f"{folder}: {exc}")
-    raise RuntimeError("; ".join(errors) or "build failed")
-
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -129,6 +58,7 @@ _SIGNATURES = {
     "clip_bwd": [_P, _P, _P, _P, _I, _I, _P, _I, _D, _N, _N],
     "clip_bwd_pc": [_P, _P, _P, _P, _I, _I, _P, _I, _I, _I, _D, _N, _N],
 }
+_SYMBOLS = ["eclsnn_openmp"] + [f"{name}_{sfx}" for name in _SIGNATURES for sfx in ("f32", "f64")]
 
 
 def _load(warn: bool = True) -> ctypes.CDLL | None:
@@ -139,7 +69,15 @@ def _load(warn: bool = True) -> ctypes.CDLL | None:
         if _tried:
             return _lib
         try:
-            lib = _build()
+            loaded = _library.load(_SOURCE, _SYMBOLS)
+            if loaded.notes:  # the library is there, but not (only) from the folders asked for: say why, once
+                where = (f"they are now in {loaded.folder}" if loaded.folder is not None
+                         else "built them in a private temporary folder (again on every run)")
+                rule = (" eclsnn loads kernels only from folders and files that you own, that no one else can write "
+                        "and that are not symbolic links." if loaded.distrusted else "")
+                warnings.warn(f"eclsnn: fused CPU kernels: {'; '.join(loaded.notes)}; {where}.{rule}", RuntimeWarning,
+                              stacklevel=3)
+            lib = loaded.lib
             lib.eclsnn_openmp.argtypes, lib.eclsnn_openmp.restype = [], ctypes.c_int
             for name, argtypes in _SIGNATURES.items():
                 for suffix in ("f32", "f64"):
