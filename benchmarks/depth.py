@@ -72,12 +72,24 @@ RUNS: list[Spec] = [
     Spec("resnet20", "clip", 4, 0, E),
     Spec("resnet20", "relu", None, 0, E),
     Spec("resnet20", "clip", 2, 0, E),
+    Spec("cnn-fmnist", "clip", 4, 0, 4, config="fmnist-cnn.toml"),  # 4 spiking layers: the demo network
+    Spec("cnn-fmnist", "relu", None, 0, 4, config="fmnist-cnn.toml"),
     Spec("resnet20", "clip", 4, 0, 2 * E),
     Spec("resnet20", "clip", 4, 1, E),
     Spec("resnet20", "relu", None, 1, E),
     Spec("resnet20", "clip", 4, 2, E),
     Spec("resnet20", "relu", None, 2, E),
+    Spec("resnet8", "clip", 4, 0, E),  # the family: gap against depth
+    Spec("resnet14", "clip", 4, 0, E),
+    Spec("resnet32", "clip", 4, 0, E),
 ]
+
+
+def spiking_layers(arch: str) -> int:
+    from eclsnn import ThresholdClip
+    from eclsnn.models import create
+
+    return sum(isinstance(m, ThresholdClip) for m in create(arch, num_classes=10, in_channels=1).modules())
 
 
 def train(only: list[str] | None) -> None:
@@ -242,6 +254,41 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(path: Path) -> None:
+    """Gap to the network's own ANN at T = 2 and 4 (dual θ/2, clip L = 4) against the number of spiking layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: dict[str, list[dict]] = {}
+    for p in sorted(OUT.glob("fmnist-clip-L4-*.json")):
+        r = json.loads(p.read_text())
+        if r["epochs"] == (4 if r["arch"] == "cnn-fmnist" else E):
+            rows.setdefault(r["arch"], []).append(r)
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t, marker in ((2, "o"), (4, "s")):
+        xs, ys, es = [], [], []
+        for arch, rs in sorted(rows.items(), key=lambda kv: spiking_layers(kv[0])):
+            gaps = [100 * (r["ann_accuracy"] - r["snn_accuracy"]["dual θ/2"][str(t)]) for r in rs]
+            xs.append(spiking_layers(arch))
+            ys.append(statistics.fmean(gaps))
+            es.append(statistics.stdev(gaps) if len(gaps) > 1 else 0.0)
+        ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=f"T = {t}")
+        for x, y, arch in zip(xs, ys, sorted(rows, key=spiking_layers)):
+            ax.annotate(arch, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("spiking layers")
+    ax.set_ylabel("ANN − SNN test accuracy (points)")
+    ax.set_title("Fashion-MNIST, ThresholdClip L = 4, dual θ/2")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=["train", "evaluate", "render", "list"])
@@ -258,12 +305,13 @@ def main(argv: list[str] | None = None) -> None:
         for spec in RUNS:
             if not a.only or spec.name in a.only:
                 evaluate(spec, a.max_samples, lambda m: print(m, flush=True))
-                if spec.activation == "clip" and spec.seed == 0 and spec.epochs == E:
+                if spec.arch == "resnet20" and spec.activation == "clip" and spec.seed == 0 and spec.epochs == E:
                     analysis(spec, lambda m: print(m, flush=True))
     if a.phase in ("evaluate", "render"):
         md = render()
         (RESULTS / "depth.md").write_text(md)
         write_json(RESULTS / "depth.json", [json.loads(p.read_text()) for p in sorted(OUT.glob("fmnist-*.json"))])
+        plot(RESULTS / "depth.png")
         print(md)
 
 

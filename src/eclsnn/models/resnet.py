@@ -117,3 +117,22 @@ def resnet34(**kwargs) -> ResNet:
 def resnet20(**kwargs) -> ResNet:
     """CIFAR ResNet-20: 3 stages × 3 basic blocks, 16/32/64 channels (19 activations)."""
     return ResNet((3, 3, 3), (16, 32, 64), **kwargs)
+
+
+@register("resnet8", {"in_channels": 3, "image_size": 32, "stem": "cifar", "stems": {"cifar": 32}})
+def resnet8(**kwargs) -> ResNet:
+    """CIFAR ResNet-8: 3 stages × 1 basic block, 16/32/64 channels (7 activations); with resnet14/20/32 the
+    family compares gap against depth (benchmarks/depth.py)."""
+    return ResNet((1, 1, 1), (16, 32, 64), **kwargs)
+
+
+@register("resnet14", {"in_channels": 3, "image_size": 32, "stem": "cifar", "stems": {"cifar": 32}})
+def resnet14(**kwargs) -> ResNet:
+    """CIFAR ResNet-14: 3 stages × 2 basic blocks, 16/32/64 channels (13 activations)."""
+    return ResNet((2, 2, 2), (16, 32, 64), **kwargs)
+
+
+@register("resnet32", {"in_channels": 3, "image_size": 32, "stem": "cifar", "stems": {"cifar": 32}})
+def resnet32(**kwargs) -> ResNet:
+    """CIFAR ResNet-32: 3 stages × 5 basic blocks, 16/32/64 channels (31 activations)."""
+    return ResNet((5, 5, 5), (16, 32, 64), **kwargs)
