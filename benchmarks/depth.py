@@ -177,7 +177,8 @@ def evaluate(spec: Spec, max_samples: int | None, log) -> dict | None:
               "epochs": spec.epochs, "variant": spec.variant, "val_accuracy": _val_accuracy(run), "num_samples": sum(y.shape[0] for _, y in test)}
     c = cfg.convert
     if spec.activation == "clip":
-        main_variants = {"dual θ/2": convert(model, neuron="dual", v_init=0.5, theta_neg=c.theta_neg)}
+        main_variants = {"dual θ/2": convert(model, neuron="dual", v_init=0.5, theta_neg=c.theta_neg),
+                         "burst θ/2": convert(model, neuron="burst", v_init=0.5)}
         ablation = {"IF v0": convert(model, neuron="if", v_init=0.0), "IF θ/2": convert(model, neuron="if", v_init=0.5)} \
             if spec.levels == 4 else {}
     else:  # thresholds from the validation split: the config's rule, and the 99.9th percentile beside it
@@ -186,6 +187,8 @@ def evaluate(spec: Spec, max_samples: int | None, log) -> dict | None:
             f"dual θ/2 ({c.threshold_rule})": convert(model, calibration=calib, threshold_rule=c.threshold_rule,
                                                       percentile=c.percentile),
             "dual θ/2 (p99.9)": convert(model, calibration=calib, threshold_rule="percentile", percentile=99.9),
+            "burst θ/2 (p99.9)": convert(model, neuron="burst", calibration=calib, threshold_rule="percentile",
+                                         percentile=99.9),
         }
         ablation = {}
     acc = evaluate_variants(model, test, T_MAX, main_variants)
@@ -217,7 +220,8 @@ def analysis(spec: Spec, log) -> None:
             continue
         log(f"[depth] {spec.name}: analyze T = {T}")
         analyze_checkpoint(RUNS_DIR / spec.name, {"dual θ/2": {"neuron": "dual", "v_init": 0.5},
-                                                  "IF θ/2": {"neuron": "if", "v_init": 0.5}},
+                                                  "IF θ/2": {"neuron": "if", "v_init": 0.5},
+                                                  "burst θ/2": {"neuron": "burst", "v_init": 0.5}},
                            time_steps=T, split="val", max_samples=512, output=out, progress=False)
 
 
@@ -239,10 +243,11 @@ def validate(spec: Spec, log) -> dict | None:
     model, ckpt = load_ann(run)
     cfg = config_from_dict(ckpt.meta["config"])
     val = list(eval_loader(*load_split(cfg.data, "val", cfg.train.seed), 256))
-    acc = evaluate_variants(model, val, T_VAL, {"dual θ/2": convert(model, neuron="dual", v_init=0.5,
-                                                                      theta_neg=cfg.convert.theta_neg)})
+    acc = evaluate_variants(model, val, T_VAL, {
+        "dual θ/2": convert(model, neuron="dual", v_init=0.5, theta_neg=cfg.convert.theta_neg),
+        "burst θ/2": convert(model, neuron="burst", v_init=0.5)})
     result = {"run": spec.name, "arch": spec.arch, "levels": spec.levels, "seed": cfg.train.seed, "epochs": spec.epochs,
-              "variant": spec.variant, "ann_accuracy": acc["ann_accuracy"], "snn_accuracy": acc["snn_accuracy"]["dual θ/2"],
+              "variant": spec.variant, "ann_accuracy": acc["ann_accuracy"], "snn_accuracy": acc["snn_accuracy"],
               "num_samples": sum(y.shape[0] for _, y in val)}
     VAL.mkdir(parents=True, exist_ok=True)
     write_json(out, result)

@@ -12,7 +12,7 @@ from eclsnn.core.backends import use_backend
 from eclsnn.errors import (BackendError, CheckpointError, ConfigError, ConversionError, DataError, EclsnnError,
                            SimulationError, SpikingLoopError, TrainingError)
 from eclsnn.training.spiking_loop import SpikingLoop
-from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron, SpikingNeuron
+from eclsnn.core.neurons import BurstNeuron, DualThresholdIFNeuron, IFNeuron, SpikingNeuron
 from eclsnn.io.nir import from_nir, to_nir
 from eclsnn.simulation import SpikingNetwork, evaluate, evaluate_ann, simulate
 
@@ -22,6 +22,7 @@ __all__ = [
     "ThresholdClip",
     "IFNeuron",
     "DualThresholdIFNeuron",
+    "BurstNeuron",
     "SpikingNeuron",
     "SpikingNetwork",
     "convert",

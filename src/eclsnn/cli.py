@@ -47,7 +47,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _add_convert_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("conversion")
-    g.add_argument("--neuron", choices=config.NEURON_CHOICES, help="dual-threshold or plain IF neurons")
+    g.add_argument("--neuron", choices=config.NEURON_CHOICES, help="dual-threshold, plain IF, or burst (graded-spike dual-threshold) neurons")
     g.add_argument("--v-init", type=float, help="initial membrane potential in units of θ (0.5 = θ/2)")
     g.add_argument("--theta-neg", type=float, help="negative threshold of the dual neuron, in units of θ")
     g.add_argument("--maxpool", choices=config.MAXPOOL_CHOICES, help="max-pooling policy")

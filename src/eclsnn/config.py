@@ -147,7 +147,7 @@ class TrainConfig:
 class ConvertConfig:
     """How the trained ANN becomes an SNN (see :func:`eclsnn.convert`)."""
 
-    neuron: str = "dual"  # "if" or "dual" (dual-threshold IF neuron)
+    neuron: str = "dual"  # "dual" (dual-threshold IF neuron), "if", or "burst" (graded spikes)
     v_init: float = 0.5  # initial membrane potential as a fraction of θ (0.5: the paper's θ/2)
     theta_neg: float = 0.0  # negative threshold of the dual neuron, as a fraction of θ
     maxpool: str = "error"  # max pooling: "error" (exact modes only), "auto", "swap", "cummax", "avg" (docs/METHOD.md)

@@ -20,7 +20,7 @@ from eclsnn.conversion.calibration import ActivationStatistics
 from eclsnn.core.clip import ThresholdClip
 from eclsnn.errors import ConversionError
 from eclsnn.core.functional import LAMBDA_MIN
-from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron
+from eclsnn.core.neurons import BurstNeuron, DualThresholdIFNeuron, IFNeuron
 from eclsnn.simulation.network import SpikingNetwork
 from eclsnn._util import DEFAULT_INIT_THRESHOLD
 from eclsnn.conversion.graph import _ACTIVATION_MODULES, check_convertible, normalise, replace_with_module, trace, unique_name
@@ -31,7 +31,7 @@ from eclsnn.core.pooling import SpikingMaxPool
 
 __all__ = ["convert", "prepare", "trace", "fold_batchnorm", "NEURONS", "MAXPOOL_POLICIES", "PREPARE_MAXPOOL_POLICIES"]
 
-NEURONS = {"dual": DualThresholdIFNeuron, "if": IFNeuron}
+NEURONS = {"dual": DualThresholdIFNeuron, "if": IFNeuron, "burst": BurstNeuron}
 
 # ---- BatchNorm folding -----------------------------------------------------------------------------
 
@@ -171,7 +171,9 @@ def convert(
             (ReLU6, Hardtanh(0, c), ``F.relu6``, ``F.hardtanh``, ``torch.clamp(x, 0, c)``, ``.clamp(min=0)``;
             θ from ``calibration``, at most c). Other activations (SiLU, GELU, sigmoid gates, LayerNorm,
             attention, ...) are refused with a ConversionError naming each node and why.
-        neuron: ``"dual"`` (dual-threshold, signed spikes) or ``"if"``.
+        neuron: ``"dual"`` (dual-threshold, signed spikes), ``"if"``, or ``"burst"`` (dual-threshold with
+            graded spikes: several in one step, at most one per elapsed step in all; docs/METHOD.md,
+            "Burst neuron"; ``theta_neg`` does not apply).
         v_init: initial membrane potential in units of θ (0.5 = θ/2, the paper's choice).
         theta_neg: negative threshold of the dual-threshold neuron, in units of θ.
         maxpool: what to do with max pooling (docs/METHOD.md, "Max pooling"): ``"error"`` (default) converts

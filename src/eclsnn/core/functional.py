@@ -26,6 +26,8 @@ __all__ = [
     "if_multistep",
     "dual_threshold_step",
     "dual_threshold_multistep",
+    "burst_step",
+    "burst_multistep",
 ]
 
 #: Smallest threshold λ used in the forward pass; keeps λ positive while training (docs/METHOD.md, the
@@ -241,3 +243,35 @@ def dual_threshold_multistep(
         count.add_(pos).add_(neg, alpha=-1)
         torch.gt(count, 0, out=fired)
     return out, v, count
+
+
+def burst_step(
+    x: torch.Tensor, v: torch.Tensor, count: torch.Tensor, steps: torch.Tensor, theta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of the burst (graded-spike) dual-threshold neuron (docs/METHOD.md, "Burst neuron").
+
+    ``m = v + x``; ``n = clamp(floor(m/θ), −c, t − c)`` with ``t`` the steps so far including this one
+    and ``c`` the net count before it: as many positive spikes as whole thresholds the potential holds,
+    as many negative ones as needed to bring it back to [0, θ) (never more than were fired), and never
+    more than one spike per elapsed step in all (the rate stays ≤ θ); ``v' = m − n·θ``; ``c' = c + n``.
+    Returns ``(θ·n, v', c', t)``.
+    """
+    m = v + x
+    steps = steps + 1
+    n = torch.floor(m / theta)
+    r = m - n * theta  # the quotient may round across a whole number: settle it by comparison, as m ≥ θ does
+    n = n + (r >= theta).to(m.dtype) - (r < 0).to(m.dtype)
+    n = torch.minimum(torch.maximum(n, -count), steps - count)
+    out = n * theta
+    return out, m - out, count + n, steps
+
+
+def burst_multistep(
+    x_seq: torch.Tensor, theta: torch.Tensor, v0: torch.Tensor, count0: torch.Tensor, steps0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run :func:`burst_step` over the first dimension of ``x_seq``. Returns ``(out_seq, v_T, c_T, t_T)``."""
+    out = torch.empty_like(x_seq)
+    v, count, steps = v0, count0, steps0
+    for t in range(x_seq.shape[0]):
+        out[t], v, count, steps = burst_step(x_seq[t], v, count, steps, theta)
+    return out, v, count, steps

@@ -1,4 +1,4 @@
-"""Integrate-and-fire neurons: plain IF and the dual-threshold (signed) IF neuron.
+"""Integrate-and-fire neurons: plain IF, the dual-threshold (signed) IF neuron and its burst variant.
 
 Both reset by subtraction, start from ``v(0) = v_init·θ`` and pass ``θ·s(t)`` to the next layer.
 They run in two step modes with identical results:
@@ -21,7 +21,7 @@ from eclsnn.core.clip import channel_view
 from eclsnn.core.state import StatefulModule
 from eclsnn.errors import ConversionError, SimulationError
 
-__all__ = ["IFNeuron", "DualThresholdIFNeuron", "SpikingNeuron", "STEP_MODES", "check_step_mode"]
+__all__ = ["IFNeuron", "DualThresholdIFNeuron", "BurstNeuron", "SpikingNeuron", "STEP_MODES", "check_step_mode"]
 
 #: the step modes of neurons and networks
 STEP_MODES = ("multi", "single")
@@ -46,6 +46,8 @@ class SpikingNeuron(StatefulModule):
 
     state_names: tuple[str, ...] = ("v",)
     _signed = False
+    #: whether the fused CPU kernels implement this neuron (:meth:`kernel_parameters`)
+    fused_kernel = True
 
     def __init__(self, theta, v_init: float = 0.5, step_mode: str = "multi"):
         super().__init__()
@@ -198,3 +200,52 @@ class DualThresholdIFNeuron(SpikingNeuron):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", theta_neg={self.theta_neg}"
+
+
+class BurstNeuron(SpikingNeuron):
+    """Burst (graded-spike) dual-threshold IF neuron: may fire several spikes in one step
+    (docs/METHOD.md, "Burst neuron").
+
+    ``m(t) = v(t−1) + I(t)``; ``n(t) = clamp(floor(m/θ), −c(t−1), t − c(t−1))``; ``v(t) = m − n·θ``;
+    output ``θ·n(t)``, an integer number of spikes (negative: retractions) sent as one graded event.
+    The dual-threshold neuron fires at most one spike a step, so input that arrives in bursts (a
+    residual addition: two branches' spikes in the same step) is cut or delayed; this neuron fires what
+    its potential holds, never more than one spike per elapsed step in all (rate ≤ θ), and retracts
+    only what it fired. With ``v_init = 0.5`` the net count after T steps is
+    ``clamp(floor(ΣI/θ + 1/2), 0, T)`` for *any* input sequence — no band condition — so a network of
+    these neurons computes, on time-averaged values, exactly its ANN with every clip at L = T
+    (the same λ): conversion error is then quantisation alone. Reference path only (no fused kernel).
+
+    Args:
+        theta: positive threshold θ, scalar or per-channel ``[C]``.
+        v_init: initial membrane potential in units of θ.
+        step_mode: ``"multi"`` or ``"single"``.
+    """
+
+    state_names = ("v", "count", "steps")
+    _signed = True
+    fused_kernel = False
+
+    def __init__(self, theta, v_init: float = 0.5, step_mode: str = "multi"):
+        super().__init__(theta, v_init, step_mode)
+        self.count: torch.Tensor | None = None
+        self.steps: torch.Tensor | None = None
+
+    def start_state(self, x: torch.Tensor, carry: bool = False, dense: bool = False) -> dict[str, torch.Tensor | None]:
+        state = super().start_state(x, carry, dense)
+        if not (carry and self.steps is not None):
+            state["steps"] = torch.zeros_like(x)
+        return state
+
+    def multi_step(self, x_seq: torch.Tensor, carry: bool = False, backend: str | None = None) -> torch.Tensor:
+        y = x_seq[0]
+        state = self.start_state(y, carry)
+        out, v, count, steps = SF.burst_multistep(x_seq, self.theta_like(y), state["v"], state["count"], state["steps"])
+        self.load_state({"v": v, "count": count, "steps": steps})
+        return out
+
+    def single_step(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        state = self.start_state(x, carry=True)
+        out, v, count, steps = SF.burst_step(x, state["v"], state["count"], state["steps"], self.theta_like(x))
+        self.load_state({"v": v, "count": count, "steps": steps})
+        return out

@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from eclsnn.errors import ConversionError
-from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron
+from eclsnn.core.neurons import BurstNeuron, DualThresholdIFNeuron, IFNeuron
 from eclsnn.core.pooling import SpikingMaxPool
 from eclsnn.simulation.network import SpikingNetwork
 
@@ -51,6 +51,9 @@ def _module_entry(mod: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tenso
     if isinstance(mod, nn.Linear):
         arrays = {"weight": mod.weight, **({"bias": mod.bias} if mod.bias is not None else {})}
         return {"op": "linear", "in_features": mod.in_features, "out_features": mod.out_features}, arrays
+    if isinstance(mod, BurstNeuron):
+        raise ConversionError("export does not describe burst neurons (graded spikes) yet: the numpy re-run and the "
+                              "formats know one spike a step; convert with neuron='dual' to export")
     if isinstance(mod, (IFNeuron, DualThresholdIFNeuron)):
         attrs = {"op": "neuron", "neuron": "dual" if isinstance(mod, DualThresholdIFNeuron) else "if",
                  "reset": "subtract", "v_init": mod.v_init, "per_channel": mod.theta.dim() == 1}

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eclsnn.errors import ConversionError
-from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron, SpikingNeuron
+from eclsnn.core.neurons import BurstNeuron, DualThresholdIFNeuron, IFNeuron, SpikingNeuron
 from eclsnn.core.pooling import SpikingMaxPool
 from eclsnn.simulation.network import SpikingNetwork
 from eclsnn.io._nir_common import FORMAT, META, NEURON_FORMS, NIRExportWarning, _below, _f32, _nir, _pair
@@ -414,9 +414,14 @@ class _Exporter:
 
 
 def _refuse_max_pools(snn: SpikingNetwork) -> None:
-    """NIR has no max-pool node: a network with one cannot be written without changing its meaning."""
+    """NIR has no max-pool node and no graded spikes: a network with either cannot be written without
+    changing its meaning."""
     gm = snn.graph_module
     for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), BurstNeuron):
+            raise ConversionError(f"NIR export: {node.target} is a burst neuron (graded spikes, several a step); NIR's "
+                                  "neurons fire one spike a step, so the graph cannot be written without changing its "
+                                  "meaning. Convert with neuron='dual' to export")
         is_pool = (node.op == "call_module" and isinstance(gm.get_submodule(node.target),
                                                            (nn.MaxPool1d, nn.MaxPool2d, SpikingMaxPool))) or (
             node.op == "call_function" and node.target in (F.max_pool1d, F.max_pool2d))

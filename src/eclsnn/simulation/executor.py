@@ -57,7 +57,7 @@ def make_plan(gm: fx.GraphModule) -> Plan:
                 last_use.setdefault(node, []).append(inp)
     fusions = {}
     for node in nodes:
-        if node.op == "call_module" and hasattr(gm.get_submodule(node.target), "kernel_parameters") \
+        if node.op == "call_module" and getattr(gm.get_submodule(node.target), "fused_kernel", False) \
                 and is_stateful(gm.get_submodule(node.target)) and len(node.users) == 1:
             user = next(iter(node.users))
             k = _pool_kernel(user, gm)
