@@ -121,3 +121,20 @@ def test_export_and_nir_refuse_burst_neurons_with_a_reason(tmp_path):
 
     with pytest.raises(ConversionError, match="burst neuron"):
         to_nir(snn, torch.randn(1, 1, 28, 28))
+
+
+@pytest.mark.parametrize("maxpool", ["cummax", "auto"])
+def test_the_identity_holds_through_spiking_max_pools(maxpool):
+    torch.manual_seed(1)
+    model = create("cnn-fmnist", num_classes=10, in_channels=1, levels=4, pool="max").eval().double()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, ThresholdClip):
+                mod.threshold_raw.uniform_(0.5, 2.0)
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    snn = eclsnn.convert(model, neuron="burst", maxpool=maxpool)
+    assert set(snn.settings["maxpool_modes"].values()) <= {"cummax", "swap"}
+    for T in (2, 4):
+        with torch.no_grad():
+            expected = _at_levels(model, T)(x)
+        assert torch.allclose(eclsnn.simulate(snn, x, T)[-1], expected, rtol=0, atol=1e-7)  # float64 rounding
