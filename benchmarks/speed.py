@@ -1,6 +1,7 @@
 """Speed on CPU: eclsnn's SNN vs SpikingJelly's converted SNN vs the BN-folded ANN, on the same network.
 
     nice -n 19 python benchmarks/speed.py [--threads 2] [--reps 5] [--steps 1 2 4 8 16]
+    nice -n 19 python benchmarks/speed.py --arch resnet20 --skip memory training   # at depth (19 spiking layers)
 
 Network: the Fashion-MNIST demo CNN trained with ThresholdClip (L = 4, seed 0, from benchmarks/runs/,
 see common.py). eclsnn converts it to dual-threshold neurons (v(0) = θ/2). SpikingJelly's converter
@@ -74,10 +75,27 @@ def relu_copy(model: nn.Module) -> nn.Module:
     return m.eval()
 
 
-def build(epochs: int, calib_batches: int = 2):
-    run = ensure_run("clip", 4, 0, epochs)
+#: the networks this benchmark times: the demo CNN (trained here if missing) and resnet20 (19 spiking
+#: layers), trained by ``benchmarks/depth.py train`` (configs/fmnist-resnet20.toml, 10 epochs, seed 0)
+ARCHS = ("cnn-fmnist", "resnet20")
+RESNET20_RUN = "fmnist-clip-L4-e10-s0-resnet20"
+
+
+def _config(arch: str) -> Path:
+    return CONFIG if arch == "cnn-fmnist" else CONFIG.parent / "fmnist-resnet20.toml"
+
+
+def build(epochs: int, calib_batches: int = 2, arch: str = "cnn-fmnist"):
+    if arch == "cnn-fmnist":
+        run = ensure_run("clip", 4, 0, epochs)
+    else:
+        from common import RUNS
+
+        run = RUNS / RESNET20_RUN
+        if not (run / "checkpoints").is_dir():
+            raise SystemExit(f"{run} is not trained yet: run `python benchmarks/depth.py train --only {RESNET20_RUN}`")
     model, _ = load_ann(run)
-    data = load_config(CONFIG).data
+    data = load_config(_config(arch)).data
     test, idx = load_split(data, "test", 0)
     x = next(iter(eval_loader(test, idx[:256], 256)))[0]
     calib = calibration_batches(data, 0, 256, calib_batches)
@@ -228,9 +246,9 @@ def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def mem_child(system: str, T: int, epochs: int, threads: int) -> None:
+def mem_child(system: str, T: int, epochs: int, threads: int, arch: str = "cnn-fmnist") -> None:
     torch.set_num_threads(threads)
-    run, model, ann, ann_cl, snn, sj, x = build(epochs)
+    run, model, ann, ann_cl, snn, sj, x = build(epochs, arch=arch)
     key = {"ann": "ANN relu (folded, channels-last)", "ecl": f"eclsnn dual T={T}", "sjs": f"SJ single-step T={T}",
            "sjm": f"SJ multi-step T={T}"}[system]
     calls = make_calls(ann, ann_cl, snn, sj, x, [T])  # closures only: nothing runs until called
@@ -242,11 +260,12 @@ def mem_child(system: str, T: int, epochs: int, threads: int) -> None:
                       "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def measure_memory(steps: list[int], epochs: int, threads: int, have_sj: bool, log) -> list[dict]:
+def measure_memory(steps: list[int], epochs: int, threads: int, have_sj: bool, log, arch: str = "cnn-fmnist") -> list[dict]:
     out = []
     jobs = [("ann", 1)] + [(s, T) for T in steps for s in (("ecl", "sjs", "sjm") if have_sj else ("ecl",))]
     for system, T in jobs:
-        cmd = [sys.executable, __file__, "--mem-child", system, str(T), "--epochs", str(epochs), "--threads", str(threads)]
+        cmd = [sys.executable, __file__, "--mem-child", system, str(T), "--epochs", str(epochs), "--threads", str(threads),
+               "--arch", arch]
         res = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
         if res.returncode != 0 or not line:
@@ -259,10 +278,10 @@ def measure_memory(steps: list[int], epochs: int, threads: int, have_sj: bool, l
 
 # ---- training throughput ---------------------------------------------------------------------------
 
-def training_speed(threads: int, steps_per_block: int, blocks: int, log) -> dict:
+def training_speed(threads: int, steps_per_block: int, blocks: int, log, arch: str = "cnn-fmnist") -> dict:
     from eclsnn.models import create
 
-    data = load_config(CONFIG).data
+    data = load_config(_config(arch)).data
     train, idx = load_split(data, "train", 0)
     batches = []
     for xb, yb in eval_loader(train, idx[: 128 * steps_per_block], 128):
@@ -271,7 +290,7 @@ def training_speed(threads: int, steps_per_block: int, blocks: int, log) -> dict
     models = {}
     for act in ("relu", "clip", "clip (reference path)"):
         torch.manual_seed(0)
-        m = create("cnn-fmnist", 10, activation=act.split(" ")[0], levels=4, init_threshold=2.0).train()
+        m = create(arch, 10, activation=act.split(" ")[0], levels=4, init_threshold=2.0, in_channels=1).train()
         m.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         models[act] = (m, opt)
@@ -371,7 +390,8 @@ def summarise(times: dict, calls: dict, steps: list[int], batch: int) -> dict:
 
 def write_md(path: Path, res: dict) -> None:
     m, s = res["meta"], res["simulation"]
-    L = ["# Speed on CPU: eclsnn vs SpikingJelly vs the ANN (Fashion-MNIST cnn-fmnist)\n",
+    arch = res["meta"].get("arch", "cnn-fmnist")
+    L = [f"# Speed on CPU: eclsnn vs SpikingJelly vs the ANN (Fashion-MNIST {arch})\n",
          f"Command: `{m['command']}`" + "".join(f" (parts kept from `{c}`)" for c in m.get("earlier_commands", [])) + "\n",
          f"Same trained network (ThresholdClip L=4, seed 0; SpikingJelly gets the same weights with ReLU), batch "
          f"{m['batch']} of test images, {m['threads']} torch threads for both libraries, {m['warmup']} warm-up "
@@ -443,7 +463,7 @@ def write_md(path: Path, res: dict) -> None:
     if res.get("training"):
         t = res["training"]
         L.append("## Training throughput: ReLU vs ThresholdClip\n")
-        L.append(f"Same model (cnn-fmnist), batch {t['batch_size']}, SGD (lr 0.1, momentum 0.9, wd 5e-4), {t['blocks']} "
+        L.append(f"Same model ({arch}), batch {t['batch_size']}, SGD (lr 0.1, momentum 0.9, wd 5e-4), {t['blocks']} "
                  f"interleaved blocks of {t['steps_per_block']} steps each (order alternating), medians.\n")
         L.append("| activation | images/s (median) | per block |")
         L.append("|---|---|---|")
@@ -482,6 +502,8 @@ def epoch_seconds(run_dir: Path) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--arch", choices=ARCHS, default="cnn-fmnist",
+                    help="the network (resnet20: results in results/speed-resnet20/ unless --out says otherwise)")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--reps", type=int, default=5)
@@ -496,11 +518,13 @@ def main() -> None:
                     help="max_rows values of the sub-batch sweep (empty: no sweep)")
     ap.add_argument("--machine-note", default="", help="a sentence about the machine's load, printed in the report")
     ap.add_argument("--skip", nargs="*", default=[], choices=["sim", "memory", "training", "spikes", "rows"])
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--mem-child", nargs=2, metavar=("SYSTEM", "T"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.out is None:
+        args.out = RESULTS if args.arch == "cnn-fmnist" else RESULTS / f"speed-{args.arch}"
     if args.mem_child:
-        mem_child(args.mem_child[0], int(args.mem_child[1]), args.epochs, args.threads)
+        mem_child(args.mem_child[0], int(args.mem_child[1]), args.epochs, args.threads, args.arch)
         return
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -508,7 +532,7 @@ def main() -> None:
     def log(msg):
         print(msg, flush=True)
 
-    run, model, ann, ann_cl, snn, sj, x = build(args.epochs)
+    run, model, ann, ann_cl, snn, sj, x = build(args.epochs, arch=args.arch)
     try:
         from importlib.metadata import version
 
@@ -523,7 +547,8 @@ def main() -> None:
     previous = {}
     if args.skip and (args.out / "speed.json").is_file():  # keep the parts not rerun
         previous = json.loads((args.out / "speed.json").read_text())
-    res = {"meta": {"command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]), "threads": torch.get_num_threads(),
+    res = {"meta": {"command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]), "arch": args.arch,
+                    "threads": torch.get_num_threads(),
                     "batch": x.shape[0], "reps": args.reps, "warmup": args.warmup, "torch": torch.__version__,
                     "spikingjelly": sj_version, "cpu": cpu, "run": str(run), "machine_note": args.machine_note,
                     "kernels": {"available": eclsnn.core.backends.cpu.available(), "openmp": eclsnn.core.backends.cpu.openmp()},
@@ -548,10 +573,10 @@ def main() -> None:
         res["spike_for_spike"] = spike_for_spike(model, x[:64], 16)
         log(f"spike-for-spike: {res['spike_for_spike']}")
     if "memory" not in args.skip and args.mem_steps:
-        res["memory"] = measure_memory(args.mem_steps, args.epochs, args.threads, sj is not None, log)
+        res["memory"] = measure_memory(args.mem_steps, args.epochs, args.threads, sj is not None, log, args.arch)
         write_json(args.out / "speed.json", res)
     if "training" not in args.skip:
-        res["training"] = training_speed(args.threads, args.train_steps, args.train_blocks, log)
+        res["training"] = training_speed(args.threads, args.train_steps, args.train_blocks, log, args.arch)
         runs = run.parent
         from common import run_name
 
