@@ -225,6 +225,32 @@ def analysis(spec: Spec, log) -> None:
                            time_steps=T, split="val", max_samples=512, output=out, progress=False)
 
 
+def burst_after_additions(snn):
+    """``snn`` with the neurons that read a residual addition made burst neurons (the others stay dual):
+    how much of the gap is the one-spike limit where two branches' currents meet."""
+    import operator
+
+    from eclsnn import BurstNeuron
+
+    gm = snn.graph_module
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), eclsnn_neuron_types()):
+            continue
+        src = node.args[0]
+        if isinstance(src, torch.fx.Node) and (src.target in (operator.add, torch.add, "add") or src.name.startswith("add")):
+            old = gm.get_submodule(node.target)
+            gm.add_submodule(node.target, BurstNeuron(old.theta, v_init=old.v_init))
+    gm.recompile()
+    snn.settings = {**snn.settings, "neuron": "dual, burst after additions"}
+    return snn
+
+
+def eclsnn_neuron_types():
+    from eclsnn import DualThresholdIFNeuron, IFNeuron
+
+    return (DualThresholdIFNeuron, IFNeuron)
+
+
 VAL = OUT / "val"
 T_VAL = 8
 
@@ -245,7 +271,8 @@ def validate(spec: Spec, log) -> dict | None:
     val = list(eval_loader(*load_split(cfg.data, "val", cfg.train.seed), 256))
     acc = evaluate_variants(model, val, T_VAL, {
         "dual θ/2": convert(model, neuron="dual", v_init=0.5, theta_neg=cfg.convert.theta_neg),
-        "burst θ/2": convert(model, neuron="burst", v_init=0.5)})
+        "burst θ/2": convert(model, neuron="burst", v_init=0.5),
+        "dual θ/2, burst after additions": burst_after_additions(convert(model, neuron="dual", v_init=0.5))})
     result = {"run": spec.name, "arch": spec.arch, "levels": spec.levels, "seed": cfg.train.seed, "epochs": spec.epochs,
               "variant": spec.variant, "ann_accuracy": acc["ann_accuracy"], "snn_accuracy": acc["snn_accuracy"],
               "num_samples": sum(y.shape[0] for _, y in val)}
