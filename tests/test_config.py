@@ -37,7 +37,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 #: the configs run on this project's machines, and what each names as the source of its numbers
-RUN_HERE = {"fmnist-cnn.toml": "README", "fmnist-resnet20.toml": "benchmarks/depth.py"}
+RUN_HERE = {"fmnist-cnn.toml": "README", "fmnist-resnet20.toml": "benchmarks/depth.py",
+            "fmnist-resnet20-t2.toml": "benchmarks/depth.py"}
 
 
 def test_the_five_configs_are_shipped():

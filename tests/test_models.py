@@ -100,6 +100,8 @@ def test_cnn_fmnist_defaults():
         ({"name": "resnet20", "levels": 2.5}, ["levels"]),
         ({"name": "resnet20", "init_threshold": 0.0}, ["init_threshold"]),
         ({"name": "resnet20", "in_channels": 0}, ["in_channels"]),
+        ({"name": "resnet20", "width": 0.5}, ["resnet20", "width", "vgg16"]),
+        ({"name": "vgg16", "width": 0.0}, ["width", "(0, 64]"]),
     ],
 )
 def test_bad_arguments_raise_config_error(kwargs, words):
@@ -345,3 +347,30 @@ def test_cnn_fmnist_training_reduces_loss():
     assert losses[-1] < 0.5 * losses[0]
     lam1 = [m.threshold for m in model.modules() if isinstance(m, ThresholdClip)]
     assert any(not torch.equal(a, b) for a, b in zip(lam0, lam1))
+
+
+def test_vgg16_width_and_28px_stem():
+    """width scales every convolution and hidden layer; the pad28 stem pads 28x28 to 32x32 (the fifth pool
+    meets a 2x2 map, not 1x1), chosen automatically for 28-px data, and converts exactly (the padding is in
+    the SNN's static prefix): a burst SNN at T = L steps equals its ANN."""
+    torch.manual_seed(0)
+    full = create("vgg16", 10, in_channels=1, stem="pad28")
+    quarter = create("vgg16", 10, in_channels=1, stem="pad28", width=0.25)
+    convs = [m.out_channels for m in quarter.modules() if isinstance(m, nn.Conv2d)]
+    assert convs == [max(1, round(c / 4)) for c in (m.out_channels for m in full.modules() if isinstance(m, nn.Conv2d))]
+    assert quarter.classifier[0].out_features == 128
+    assert input_size("vgg16", "pad28", 1) == (1, 28, 28)
+    x = torch.randn(8, 1, 28, 28)
+    quarter.eval()
+    for m in quarter.modules():  # random BN statistics and thresholds that make the clips work
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+        if isinstance(m, ThresholdClip):
+            m.threshold.data.fill_(1.0)
+    feats = quarter.features[0](x)
+    assert feats.shape[-1] == 32 and torch.equal(feats[..., 2:30, 2:30], x)
+    import eclsnn
+
+    snn = eclsnn.convert(quarter.double(), neuron="burst")
+    out = eclsnn.simulate(snn, x.double(), time_steps=4)[-1]
+    torch.testing.assert_close(out, quarter(x.double()), rtol=1e-9, atol=1e-9)

@@ -99,6 +99,7 @@ class ModelConfig:
     pool: str = "avg"  # "max" has no exact spiking form (docs/METHOD.md); conversion then needs a policy
     stem: str | None = None  # None: the model's default stem for the data set's image size
     dropout: float = 0.0
+    width: float = 1.0  # channel multiplier (models with a width option: vgg16)
 
 
 @dataclass
@@ -292,6 +293,7 @@ def _validate(cfg: Config, where: str) -> None:
     _check(where, "model.init_threshold", m.init_threshold > 0, "> 0", m.init_threshold)
     _check_choice(where, "model.pool", m.pool, POOL_CHOICES)
     _check(where, "model.dropout", 0.0 <= m.dropout < 1.0, "in [0, 1)", m.dropout)
+    _check(where, "model.width", 0.0 < m.width <= 64.0, "in (0, 64]", m.width)
 
     _check(where, "train.epochs", t.epochs >= 1, ">= 1", t.epochs)
     _check(where, "train.batch_size", t.batch_size >= 1, ">= 1", t.batch_size)

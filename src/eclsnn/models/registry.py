@@ -88,6 +88,7 @@ def create(
     pool: str = "avg",
     stem: str | None = None,
     dropout: float = 0.0,
+    width: float = 1.0,
 ) -> nn.Module:
     """Build model ``name`` of the zoo (see :func:`list_models`).
 
@@ -101,6 +102,7 @@ def create(
         pool: ``"avg"`` (converts exactly) or ``"max"``.
         stem: input stem variant, e.g. ``"cifar"`` or ``"imagenet"``; default from :data:`MODEL_DEFAULTS`.
         dropout: dropout probability before the classifier's linear layers (0 = none).
+        width: channel multiplier of the models that have one (``MODEL_DEFAULTS[name]["width"]``; vgg16).
 
     Raises:
         ConfigError: unknown name, activation, pool or stem, or an out-of-range argument.
@@ -117,6 +119,15 @@ def create(
     _check_positive_int("in_channels", in_channels)
     if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
         raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0.0 < width <= 64.0:
+        raise ConfigError(f"width must be a number in (0, 64], got {width!r}")
+    extra = {}
+    if width != 1.0:
+        if not MODEL_DEFAULTS[name].get("width"):
+            with_width = sorted(n for n, d in MODEL_DEFAULTS.items() if d.get("width"))
+            raise ConfigError(f"model {name!r} has no width option (models with one: {', '.join(with_width)}); "
+                              "leave width at 1")
+        extra["width"] = float(width)
     return _REGISTRY[name](
         num_classes=num_classes,
         activation=activation,
@@ -127,6 +138,7 @@ def create(
         pool=pool,
         stem=_resolve_stem(name, stem),
         dropout=float(dropout),
+        **extra,
     )
 
 

@@ -122,7 +122,7 @@ def model_kwargs(cfg: Config, info) -> dict[str, Any]:
     return {
         "arch": m.arch, "num_classes": info.num_classes, "activation": m.activation, "levels": m.levels,
         "init_threshold": m.init_threshold, "per_channel": m.per_channel, "in_channels": info.channels,
-        "pool": m.pool, "stem": stem, "dropout": m.dropout,
+        "pool": m.pool, "stem": stem, "dropout": m.dropout, **({"width": m.width} if m.width != 1.0 else {}),
     }
 
 
