@@ -49,7 +49,7 @@ demo: venv data
 
 test: venv zoo-deps data wheel-check
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	ECLSNN_REQUIRE_ZOO=1 $(PY) -m pytest -q
 
 # The built wheel, installed (not editable) in a venv of its own, converts a checkpoint with a fresh kernel
 # build from outside the source tree: a subpackage or package-data file (the C source) left out of the

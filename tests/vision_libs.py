@@ -20,8 +20,11 @@ import importlib.util
 import sys
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["import_vision_libs", "vision_libs_available", "SHIMMED_OPERATORS"]
+__all__ = ["import_vision_libs", "vision_libs_available", "version", "synthetic_images", "recalibrate_batchnorm",
+           "SHIMMED_OPERATORS"]
 
 #: the torchvision operators registered at import time whatever the build (``torchvision/_meta_registrations.py``)
 SHIMMED_OPERATORS = {
@@ -65,3 +68,40 @@ def import_vision_libs():
 def vision_libs_available() -> bool:
     """Whether torchvision and timm are installed (not whether they import; :func:`import_vision_libs` says)."""
     return all(importlib.util.find_spec(m) is not None for m in ("torchvision", "timm"))
+
+
+def version(module: str) -> str:
+    """The installed version of ``module`` (without importing it)."""
+    from importlib.metadata import version as installed
+
+    return installed(module)
+
+
+# ---- random-weight models that mean something (tests/test_zoo.py, benchmarks/zoo_coverage.py) ----------------
+
+def synthetic_images(n: int, seed: int, side: int = 64) -> torch.Tensor:
+    """``n`` smooth random images ``[n, 3, side, side]``: an 8×8 Gaussian field upsampled, plus a little pixel
+    noise (fixed ``seed``)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, 3, 8, 8, generator=g)
+    return F.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False) + \
+        0.1 * torch.randn(n, 3, side, side, generator=g)
+
+
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> nn.Module:
+    """Replace every BatchNorm's running statistics by those of ``images`` (a cumulative average; dropout
+    off), so that a randomly initialised network's activations have a trained network's scale; returns
+    the model in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    if norms:
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
+        with torch.no_grad():
+            for batch in images.split(batch_size):
+                model(batch)
+    return model.eval()
