@@ -53,6 +53,7 @@ _NO_SPIKING_FORM = "integrate-and-fire neurons express only ReLU-like activation
 _UNSUPPORTED_MODULES: dict[type, str] = {
     nn.SiLU: "SiLU is not monotone and not piecewise linear", nn.GELU: "GELU is not monotone and not piecewise linear",
     nn.Hardswish: "Hardswish is not monotone", nn.Mish: "Mish is not monotone",
+    nn.Hardsigmoid: "a hard sigmoid (gate) is 1/2 at 0 (a neuron's output starts at 0)",
     nn.Sigmoid: "a sigmoid (gate) is not piecewise linear", nn.Tanh: "tanh is not piecewise linear and takes negative values",
     nn.Softmax: "softmax normalises across units (not elementwise)", nn.LayerNorm: "LayerNorm divides by a statistic of the activations",
     nn.GroupNorm: "GroupNorm divides by a statistic of the activations",
@@ -62,6 +63,7 @@ _UNSUPPORTED_MODULES: dict[type, str] = {
 _UNSUPPORTED_FUNCTIONS: dict = {
     F.silu: "SiLU is not monotone and not piecewise linear", F.gelu: "GELU is not monotone and not piecewise linear",
     F.hardswish: "Hardswish is not monotone", F.mish: "Mish is not monotone",
+    F.hardsigmoid: "a hard sigmoid (gate) is 1/2 at 0 (a neuron's output starts at 0)",
     torch.sigmoid: "a sigmoid (gate) is not piecewise linear", F.sigmoid: "a sigmoid (gate) is not piecewise linear",
     torch.tanh: "tanh is not piecewise linear and takes negative values", F.softmax: "softmax normalises across units",
     F.layer_norm: "layer_norm divides by a statistic of the activations", F.leaky_relu: "leaky_relu passes negative values",
