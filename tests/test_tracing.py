@@ -170,3 +170,25 @@ def test_a_max_pool_on_a_spiking_max_pool_is_a_spiking_max_pool():
     assert torch.equal(torch.round(seen["4"] / theta).sum(0), inner)
     assert torch.equal(torch.round(seen["5"] / theta).sum(0), F.max_pool2d(inner, 3, 1, 1, ceil_mode=True))
     assert counts.max() > 0
+
+
+def test_functional_batchnorm_of_a_batchnorm_subclass_becomes_a_module_that_follows_train_mode():
+    """The traced F.batch_norm call has eval mode baked in; prepare (which is followed by training) gets a
+    BatchNorm module holding the same tensors instead, so training updates its statistics as the model's own
+    BatchNorm would."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), FunctionalNormAct(6), nn.Flatten(), nn.LazyLinear(4))
+    x = torch.randn(5, 3, 8, 8)
+    model(x)
+    model.eval()
+    prepared = eclsnn.prepare(model, levels=4, calibration=x)
+    bn = prepared.get_submodule("1.bn")
+    assert type(bn) is nn.BatchNorm2d and not any(n.target is F.batch_norm for n in prepared.graph.nodes)
+    assert torch.equal(bn.running_mean, model[1].running_mean)  # calibration ran in eval mode
+    assert torch.equal(prepared(x), eclsnn.prepare(model, levels=4, calibration=x)(x))
+    prepared.train()
+    prepared(x)
+    assert not torch.equal(bn.running_mean, model[1].running_mean) and int(bn.num_batches_tracked) == 1
+    assert sorted(k for k in prepared.state_dict() if k.startswith("1.")) == [
+        "1.act.threshold_raw", "1.bn.bias", "1.bn.num_batches_tracked", "1.bn.running_mean", "1.bn.running_var",
+        "1.bn.weight"]

@@ -148,6 +148,7 @@ class _Tracer(fx.Tracer):
     def __init__(self, example: torch.Tensor | None = None):
         super().__init__()
         self._scope: list[str] = []
+        self._norms: list[tuple[type, object] | None] = []  # per scope: (BatchNorm class, momentum) or None
         self._example = example
         self._values: dict[fx.Node, object] = {}
         self._evaluating = False  # while True, modules run as they are (fx's patched calls step aside)
@@ -160,6 +161,7 @@ class _Tracer(fx.Tracer):
         if self._evaluating:
             return forward(*args, **kwargs)
         self._scope.append(self.path_of_module(m))
+        self._norms.append(_batchnorm_kind(m))
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -168,6 +170,7 @@ class _Tracer(fx.Tracer):
             raise
         finally:
             self._scope.pop()
+            self._norms.pop()
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         return attr_val if self._evaluating else super().getattr(attr, attr_val, parameter_proxy_cache)
@@ -175,6 +178,8 @@ class _Tracer(fx.Tracer):
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
         node.meta["eclsnn_scope"] = self._scope[-1] if self._scope else ""
+        if self._norms and self._norms[-1] is not None:  # inside a BatchNorm subclass's own forward()
+            node.meta["eclsnn_batchnorm"] = self._norms[-1]
         if self._example is not None:
             self._values[node] = self._evaluate(node)
         return node
@@ -221,6 +226,15 @@ class _Tracer(fx.Tracer):
 
     def iter(self, obj: fx.Proxy):
         return iter([obj[i] for i in range(len(self._concrete(obj, "iteration")))])
+
+
+def _batchnorm_kind(m: nn.Module) -> tuple[type, object] | None:
+    """(torch BatchNorm class, momentum) for a BatchNorm1d/2d subclass with a forward of its own (timm's
+    BatchNormAct2d calls F.batch_norm, then its activation), else None."""
+    for cls in (nn.BatchNorm2d, nn.BatchNorm1d):
+        if isinstance(m, cls) and type(m).forward is not cls.forward:
+            return cls, m.momentum
+    return None
 
 
 def _node_text(node: fx.Node) -> str:
@@ -486,6 +500,8 @@ def normalise(gm: fx.GraphModule) -> fx.GraphModule:
             replace_with_module(gm, node, act, unique_name(gm, node.name))
         elif node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
             _bypass(gm, node)
+        elif node.op == "call_function" and node.target is F.batch_norm and "eclsnn_batchnorm" in node.meta:
+            _batchnorm_module(gm, node)
         elif node.op == "call_function" and node.target is torch._assert:
             gm.graph.erase_node(node)  # a check on shapes, true for the traced model
         elif node.op == "call_module":
@@ -501,6 +517,51 @@ def normalise(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _batchnorm_module(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Turn the ``F.batch_norm`` call of a BatchNorm subclass's forward (timm's BatchNormAct2d) into a torch
+    BatchNorm module that holds the same tensors, named ``OWNER.bn``: it follows train/eval mode like any
+    BatchNorm (the traced call has eval mode baked in) and folds like one. Left as it is unless its statistics
+    and affine parameters are the model's own tensors."""
+    cls, momentum = node.meta["eclsnn_batchnorm"]
+    b = _bound(node, ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"))
+    attrs = {k: b.get(k) for k in ("running_mean", "running_var", "weight", "bias")}
+    if b.get("training", False) is not False or attrs["running_mean"] is None or attrs["running_var"] is None or any(
+            a is not None and not (isinstance(a, fx.Node) and a.op == "get_attr") for a in attrs.values()):
+        return
+    owner = attrs["running_mean"].target.rpartition(".")[0]
+    values = {k: _attribute(gm, a.target) if a is not None else None for k, a in attrs.items()}
+    bn = cls(values["running_mean"].numel(), eps=b.get("eps", 1e-5), momentum=momentum,
+             affine=values["weight"] is not None)
+    for k, v in values.items():
+        if v is not None:
+            setattr(bn, k, v)
+    tracked = getattr(gm.get_submodule(owner) if owner else gm, "num_batches_tracked", None)
+    if torch.is_tensor(tracked):
+        bn.num_batches_tracked = tracked
+    name = unique_name(gm, f"{owner}.bn" if owner else "bn")
+    gm.add_submodule(name, bn.eval())  # traced in eval mode (prepare then sets the model's mode)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, (b["input"],))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    for a in attrs.values():
+        if a is not None and not a.users:
+            gm.graph.erase_node(a)
+            parent, _, attr = a.target.rpartition(".")
+            module = gm.get_submodule(parent) if parent else gm
+            if hasattr(module, attr):
+                delattr(module, attr)
+    tracked_owner = gm.get_submodule(owner) if owner else gm
+    if owner and "num_batches_tracked" in tracked_owner._buffers:
+        del tracked_owner._buffers["num_batches_tracked"]
+
+
+def _attribute(gm: fx.GraphModule, target: str):
+    parent, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(parent) if parent else gm, name)
 
 
 def _erase_unused_shape_nodes(gm: fx.GraphModule) -> None:
