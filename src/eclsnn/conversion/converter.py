@@ -25,7 +25,7 @@ from eclsnn.core.functional import LAMBDA_MIN
 from eclsnn.core.neurons import BurstNeuron, DualThresholdIFNeuron, IFNeuron
 from eclsnn.simulation.network import SpikingNetwork
 from eclsnn._util import DEFAULT_INIT_THRESHOLD
-from eclsnn.conversion.graph import _ACTIVATION_MODULES, check_convertible, normalise, replace_with_module, trace, unique_name
+from eclsnn.conversion.graph import _ACTIVATION_MODULES, _attribute, check_convertible, normalise, replace_with_module, trace, unique_name
 from eclsnn.conversion.maxpool import (
     MAXPOOL_POLICIES, PREPARE_MAXPOOL_POLICIES, apply_swaps, input_theta, plan_convert, plan_prepare, pool_arguments,
 )
@@ -55,11 +55,6 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> nn.Module:
         folded.weight = nn.Parameter(w.to(layer.weight.dtype))
         folded.bias = nn.Parameter(b.to(layer.weight.dtype))
     return folded
-
-
-def _attribute(gm: fx.GraphModule, target: str):
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner), name)
 
 
 def _batchnorm_of(node: fx.Node, gm: fx.GraphModule):

@@ -105,9 +105,9 @@ _LINEAR_METHODS = {"view", "reshape", "flatten", "size", "contiguous", "add", "a
 
 
 def _bound(node: fx.Node, names: tuple[str, ...]) -> dict:
-    """The arguments of ``node`` by name (``names`` in the order of the signature, the tensor first)."""
-    args = node.args[1:] if node.op == "call_method" else node.args
-    return dict(zip(names, (node.args[0], *args) if node.op == "call_method" else args)) | dict(node.kwargs)
+    """The arguments of ``node`` by name (``names`` in the order of the signature, the tensor first: a
+    method's ``self`` is its first argument too)."""
+    return dict(zip(names, node.args)) | dict(node.kwargs)
 
 
 def _move_problem(node: fx.Node, what: str) -> str | None:
