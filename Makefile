@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= demo-output
 
-.PHONY: demo test venv data clean wheel-check
+.PHONY: demo test venv zoo-deps data clean wheel-check
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 venv: $(VENV)/.installed
+
+# torchvision and timm for the zoo tests and benchmarks/zoo_coverage.py, pinned in tests/requirements-zoo.txt and
+# installed with --no-deps so that pip never replaces the pinned torch (tests/vision_libs.py makes the model
+# definitions importable where torchvision's compiled operators were built for another torch); then timm's own
+# light dependencies.
+$(VENV)/.zoo-installed: $(VENV)/.installed tests/requirements-zoo.txt
+	$(PY) -m pip install --quiet --no-deps -r tests/requirements-zoo.txt
+	$(PY) -m pip install --quiet huggingface_hub pyyaml safetensors
+	touch $@
+
+zoo-deps: $(VENV)/.zoo-installed
 
 # Fashion-MNIST from the Debian package (as root or with sudo); otherwise say how to point at the files.
 data:
@@ -36,9 +47,9 @@ data:
 demo: venv data
 	$(VENV)/bin/eclsnn demo --output $(DEMO_OUT)
 
-test: venv data wheel-check
+test: venv zoo-deps data wheel-check
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	ECLSNN_REQUIRE_ZOO=1 $(PY) -m pytest -q
 
 # The built wheel, installed (not editable) in a venv of its own, converts a checkpoint with a fresh kernel
 # build from outside the source tree: a subpackage or package-data file (the C source) left out of the

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", choices=config.DATASET_CHOICES)
     g.add_argument("--data-dir")
     g.add_argument("--download", action="store_const", const=True, help="fetch the data set if it is not found")
-    g.add_argument("--arch")
+    g.add_argument("--arch", help="a model of the zoo, or torchvision:NAME / timm:NAME (docs/MODELS.md)")
     g.add_argument("--activation", choices=config.ACTIVATION_CHOICES)
     g.add_argument("--levels", type=int, help="quantisation levels L of the clip (0: plain clip)")
     g.add_argument("--epochs", type=int)

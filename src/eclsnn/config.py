@@ -37,6 +37,7 @@ from eclsnn.data import DATASETS
 from eclsnn.errors import ConfigError
 from eclsnn.io.limits import MAX_SEED
 from eclsnn.models import ACTIVATIONS, POOLS, list_models
+from eclsnn.models.external import check_arch, is_external
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -91,13 +92,13 @@ class DataConfig:
 class ModelConfig:
     """Keyword arguments of :func:`eclsnn.models.create` (the number of classes comes from the data)."""
 
-    arch: str = "cnn-fmnist"
+    arch: str = "cnn-fmnist"  # a zoo model, or "torchvision:NAME" / "timm:NAME" (docs/MODELS.md)
     activation: str = "clip"  # "clip": learnable threshold clipping function; "relu": plain ANN
     levels: int | None = 4  # quantisation levels L of the clip; 0/None: plain clamp(z, 0, λ)
     init_threshold: float = DEFAULT_INIT_THRESHOLD  # initial λ (chosen on the validation split; eclsnn._util)
     per_channel: bool = False  # one λ per channel instead of one per layer
     pool: str = "avg"  # "max" has no exact spiking form (docs/METHOD.md); conversion then needs a policy
-    stem: str | None = None  # None: the model's default stem for the data set's image size
+    stem: str | None = None  # None: the model's default stem for the data set's image size ("small": see docs/MODELS.md)
     dropout: float = 0.0
     width: float = 1.0  # channel multiplier (models with a width option: vgg16)
 
@@ -287,7 +288,13 @@ def _validate(cfg: Config, where: str) -> None:
     _check_choice(where, "data.dataset", d.dataset, DATASET_CHOICES)
     _check(where, "data.val_fraction", 0.0 <= d.val_fraction < 1.0, "in [0, 1)", d.val_fraction)
 
-    _check_choice(where, "model.arch", m.arch, arch_choices())
+    if is_external(m.arch):  # "torchvision:NAME" / "timm:NAME": looked up in that library's registry
+        try:
+            check_arch(m.arch)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: model.arch: {exc}") from None
+    else:
+        _check_choice(where, "model.arch", m.arch, arch_choices())
     _check_choice(where, "model.activation", m.activation, ACTIVATION_CHOICES)
     _check(where, "model.levels", m.levels is None or m.levels >= 1, ">= 0 (0: plain clip)", m.levels)
     _check(where, "model.init_threshold", m.init_threshold > 0, "> 0", m.init_threshold)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from types import SimpleNamespace
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from eclsnn.conversion.calibration import ActivationStatistics
@@ -23,7 +25,7 @@ from eclsnn.core.functional import LAMBDA_MIN
 from eclsnn.core.neurons import BurstNeuron, DualThresholdIFNeuron, IFNeuron
 from eclsnn.simulation.network import SpikingNetwork
 from eclsnn._util import DEFAULT_INIT_THRESHOLD
-from eclsnn.conversion.graph import _ACTIVATION_MODULES, check_convertible, normalise, replace_with_module, trace, unique_name
+from eclsnn.conversion.graph import _ACTIVATION_MODULES, _attribute, check_convertible, normalise, replace_with_module, trace, unique_name
 from eclsnn.conversion.maxpool import (
     MAXPOOL_POLICIES, PREPARE_MAXPOOL_POLICIES, apply_swaps, input_theta, plan_convert, plan_prepare, pool_arguments,
 )
@@ -55,6 +57,26 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> nn.Module:
     return folded
 
 
+def _batchnorm_of(node: fx.Node, gm: fx.GraphModule):
+    """The BatchNorm that ``node`` applies: a module, or for an eval-mode ``F.batch_norm`` call on the
+    model's own tensors (as timm's BatchNormAct2d makes) a stand-in with the same fields; else None."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return mod if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) else None
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return None
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    b = dict(zip(names, node.args)) | dict(node.kwargs)
+    tensors = {k: b.get(k) for k in ("running_mean", "running_var", "weight", "bias")}
+    if b.get("training", False) is not False or tensors["running_mean"] is None or tensors["running_var"] is None:
+        return None
+    if any(v is not None and not (isinstance(v, fx.Node) and v.op == "get_attr") for v in tensors.values()):
+        return None
+    fields = {k: _attribute(gm, v.target) if v is not None else None for k, v in tensors.items()}
+    return SimpleNamespace(**fields, eps=b.get("eps", 1e-5), num_features=fields["running_mean"].numel(),
+                           track_running_stats=True)
+
+
 def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
     """Fold each BatchNorm into the conv/linear directly before it, in place on ``gm``.
 
@@ -67,7 +89,8 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), (nn.BatchNorm1d, nn.BatchNorm2d)):
+        bn = _batchnorm_of(node, gm)
+        if bn is None:
             continue
         prev = node.args[0]
         if not (isinstance(prev, fx.Node) and prev.op == "call_module"):
@@ -75,12 +98,17 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
         layer = gm.get_submodule(prev.target)
         if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)) or len(prev.users) != 1 or calls[prev.target] != 1:
             continue
-        bn = gm.get_submodule(node.target)
         if not bn.track_running_stats or bn.running_mean is None:
             continue
         gm.add_submodule(prev.target, _fold_into(layer, bn))
         node.replace_all_uses_with(prev)
+        inputs = node.all_input_nodes
         gm.graph.erase_node(node)
+        for attr in inputs:  # a functional batch_norm's statistics and affine parameters, now unused
+            if attr.op == "get_attr" and not attr.users:
+                gm.graph.erase_node(attr)
+                owner, _, name = attr.target.rpartition(".")
+                delattr(gm.get_submodule(owner), name)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
@@ -135,6 +163,22 @@ def _spiking_pool(gm: fx.GraphModule, node: fx.Node, step_mode: str) -> None:
         replace_with_module(gm, node, pool, unique_name(gm, node.name))
 
 
+def _trace(model: nn.Module, example_input, calibration) -> fx.GraphModule:
+    """Trace ``model``; where plain tracing fails and no ``example_input`` is given, trace again with the
+    first calibration batch as the example (only from a tensor or a list of batches, never consuming an
+    iterator that calibration will read)."""
+    if example_input is not None:
+        return trace(model, example_input)
+    try:
+        return trace(model)
+    except ConversionError:
+        first = calibration if torch.is_tensor(calibration) else (
+            calibration[0] if isinstance(calibration, (list, tuple)) and calibration else None)
+        if first is None:
+            raise
+        return trace(model, first)
+
+
 def _activation_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _ACTIVATION_MODULES)]
 
@@ -162,6 +206,7 @@ def convert(
     threshold_granularity: str = "layer",
     step_mode: str = "multi",
     thresholds: dict[str, torch.Tensor] | None = None,
+    example_input: torch.Tensor | None = None,
 ) -> SpikingNetwork:
     """Convert a trained ANN into a spiking network of integrate-and-fire neurons.
 
@@ -190,6 +235,8 @@ def convert(
         thresholds: θ of ReLU layers given directly, by the neuron's qualified name (as in
             ``SpikingNetwork.thresholds()`` of an earlier conversion); used instead of calibration,
             so a data-calibrated SNN can be rebuilt exactly without the data.
+        example_input: a batch of inputs for tracing a model whose ``forward()`` branches on tensor shapes
+            (docs/MODELS.md, "Tracing"); without it a calibration tensor (or list of batches) serves.
 
     Returns:
         a :class:`~eclsnn.SpikingNetwork`; run it with :func:`eclsnn.simulate`.
@@ -206,7 +253,7 @@ def convert(
         raise ConversionError(f"theta_neg must be below 1 (the positive threshold, in units of theta), got {theta_neg}")
     _check_values(model)
 
-    gm = trace(model)
+    gm = _trace(model, example_input, calibration)
     check_convertible(gm)
     normalise(gm)
     fold_batchnorm(gm)
@@ -266,6 +313,7 @@ def prepare(
     per_channel: bool = False,
     init_threshold: float = DEFAULT_INIT_THRESHOLD,
     maxpool: str = "swap",
+    example_input: torch.Tensor | None = None,
 ) -> fx.GraphModule:
     """A copy of a ReLU network with each ReLU replaced by a :class:`ThresholdClip` — the way to
     fine-tune a pretrained network instead of training from scratch. Clamps to [0, c] (ReLU6,
@@ -282,9 +330,11 @@ def prepare(
     swap), and exact in the converted SNN where the pool's input is then static (the usual stem conv →
     BN → ReLU → max pool); the other pools stay. ``"keep"`` leaves every pool; ``"avg"`` replaces them by
     average pooling (as QCFS does; the fine-tuning absorbs the change); ``"error"`` refuses max pooling.
+
+    ``example_input``: as for :func:`convert` (a batch for tracing shape-dependent Python in ``forward()``).
     """
     _check_choice("maxpool", maxpool, PREPARE_MAXPOOL_POLICIES)
-    gm = trace(model)
+    gm = _trace(model, example_input, calibration)
     normalise(gm)
     pools = plan_prepare(gm, maxpool)
     relus = {n.target: gm.get_submodule(n.target) for n in _activation_nodes(gm) if _data_thresholded(gm.get_submodule(n.target))}

@@ -120,18 +120,21 @@ def _pool_input(node: fx.Node) -> fx.Node:
     return node.args[0] if node.args else node.kwargs["input"]
 
 
-def _spiking_source(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether ``node`` is an activation (a neuron after conversion) or a channel concatenation of such."""
-    if _is_activation(node, gm):
+def _spiking_source(node: fx.Node, gm: fx.GraphModule, spiking_pools: set[fx.Node] = frozenset()) -> bool:
+    """Whether ``node`` is an activation (a neuron after conversion), a spiking max pool (one of
+    ``spiking_pools``: its increments are spikes of its input's θ, so a second pool on them takes the maximum
+    of the first one's counts, exactly), or a channel concatenation of such."""
+    if _is_activation(node, gm) or node in spiking_pools:
         return True
     if node.op == "call_function" and node.target is torch.cat:
         parts = node.args[0]
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        return dim == 1 and all(_is_activation(p, gm) for p in parts)
+        return dim == 1 and all(_is_activation(p, gm) or p in spiking_pools for p in parts)
     return False
 
 
-def _decide_convert(node: fx.Node, gm: fx.GraphModule, policy: str, static: set[fx.Node]) -> PoolDecision:
+def _decide_convert(node: fx.Node, gm: fx.GraphModule, policy: str, static: set[fx.Node],
+                    spiking_pools: set[fx.Node] = frozenset()) -> PoolDecision:
     args = pool_arguments(node, gm)
     src = _pool_input(node)
     if args["return_indices"]:
@@ -156,7 +159,7 @@ def _decide_convert(node: fx.Node, gm: fx.GraphModule, policy: str, static: set[
     if policy in ("cummax", "auto"):
         if _dilated(args):
             return PoolDecision(node, "error", False, "the spiking max pool does not take dilation")
-        if _spiking_source(src, gm):
+        if _spiking_source(src, gm, spiking_pools):
             return PoolDecision(node, "cummax", False, "exact on the SNN's spike counts, not against the ANN")
         users = list(node.users)
         if len(users) == 1 and _is_activation(users[0], gm) and len(src.users) == 1:
@@ -170,7 +173,11 @@ def plan_convert(gm: fx.GraphModule, policy: str) -> list[PoolDecision]:
     """The decision for every max pool of a normalised graph under ``policy``; raises a ConversionError
     naming every pool that policy cannot handle."""
     static = static_nodes(gm)
-    decisions = [_decide_convert(n, gm, policy, static) for n in maxpool_nodes(gm)]
+    decisions, spiking_pools = [], set()
+    for n in maxpool_nodes(gm):  # in graph order: a pool's input pool is decided first
+        decisions.append(_decide_convert(n, gm, policy, static, spiking_pools))
+        if decisions[-1].mode == "cummax":
+            spiking_pools.add(n)
     refused = [d for d in decisions if d.mode == "error"]
     if refused:
         lines = "\n".join(f"  - {d.name}: {d.why}" for d in refused)

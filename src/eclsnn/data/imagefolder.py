@@ -50,10 +50,13 @@ def _decode_pil(path: Path) -> torch.Tensor:
 def find_decoder() -> Callable[[Path], torch.Tensor]:
     """The image decoder to use: torchvision, else Pillow, else a DataError saying what to install."""
     try:
-        import torchvision.io  # noqa: F401
+        import torchvision.io
 
-        return _decode_torchvision
-    except ImportError:
+        # A torchvision built for another torch fails at import (a RuntimeError) or loads without its image
+        # operators: either way Pillow decodes instead.
+        if getattr(torchvision.io.image, "_has_image_ops", lambda: True)():
+            return _decode_torchvision
+    except Exception:  # noqa: BLE001
         pass
     try:
         import PIL.Image  # noqa: F401

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from eclsnn.errors import ConfigError
+from .external import create_external, is_external
 from .layers import ACTIVATIONS, POOLS, _check_choice, _check_clip_args
 from eclsnn._util import DEFAULT_INIT_THRESHOLD
 
@@ -90,7 +91,8 @@ def create(
     dropout: float = 0.0,
     width: float = 1.0,
 ) -> nn.Module:
-    """Build model ``name`` of the zoo (see :func:`list_models`).
+    """Build model ``name`` of the zoo (see :func:`list_models`), or ``"torchvision:NAME"`` / ``"timm:NAME"``
+    from those libraries' registries (:mod:`eclsnn.models.external`; random weights).
 
     Args:
         num_classes: width of the final ``nn.Linear`` readout.
@@ -107,6 +109,10 @@ def create(
     Raises:
         ConfigError: unknown name, activation, pool or stem, or an out-of-range argument.
     """
+    if is_external(name):  # "torchvision:NAME" / "timm:NAME" (models/external.py)
+        _check_external_args(num_classes, activation, levels, init_threshold, pool, in_channels)
+        return create_external(name, num_classes, activation, levels, float(init_threshold), bool(per_channel),
+                               in_channels, pool, stem, float(dropout))
     if name not in _REGISTRY:
         raise _unknown_model(name)
     _check_positive_int("num_classes", num_classes)
@@ -142,8 +148,22 @@ def create(
     )
 
 
+def _check_external_args(num_classes, activation, levels, init_threshold, pool, in_channels) -> None:
+    _check_positive_int("num_classes", num_classes)
+    _check_choice("activation", activation, ACTIVATIONS)
+    if activation == "clip":
+        _check_clip_args(levels, init_threshold)
+    _check_choice("pool", pool, POOLS)
+    if in_channels is not None:
+        _check_positive_int("in_channels", in_channels)
+
+
 def input_size(name: str, stem: str | None = None, in_channels: int | None = None) -> tuple[int, int, int]:
-    """``(C, H, W)`` of the input model ``name`` expects with the given stem (default: its default stem)."""
+    """``(C, H, W)`` of the input model ``name`` expects with the given stem (default: its default stem;
+    an external model: 224 px as built, 32 px with ``stem="small"``)."""
+    if is_external(name):
+        side = 32 if stem == "small" else 224
+        return (in_channels or 3, side, side)
     if name not in _REGISTRY:
         raise _unknown_model(name)
     defaults = MODEL_DEFAULTS[name]

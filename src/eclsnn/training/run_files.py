@@ -38,7 +38,7 @@ __all__ = ["default_run_name", "run_folder", "run_lock", "lock_file", "Progress"
 
 def default_run_name(cfg: Config) -> str:
     m = cfg.model
-    return f"{m.arch}-{cfg.data.dataset}-{m.activation}-L{m.levels or 0}-s{cfg.train.seed}"
+    return f"{m.arch.replace(':', '-')}-{cfg.data.dataset}-{m.activation}-L{m.levels or 0}-s{cfg.train.seed}"
 
 
 def run_folder(cfg: Config) -> Path:
