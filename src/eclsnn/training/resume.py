@@ -67,7 +67,11 @@ def find_resume(cfg: Config, run: Path, ddp: Dist) -> tuple[Checkpoint | None, l
                 f"{now[section][key]!r} now; resume with the run's own settings ({run / 'config.json'}) "
                 "or start a new run"
             )
-    if saved.get("model") != now["model"]:
+    # A setting added after the checkpoint was written counts as its default (e.g. model.width = 1.0).
+    defaults = config_to_dict(type(cfg)())["model"]
+    saved_model = {**{k: v for k, v in defaults.items() if k not in (saved.get("model") or {})},
+                   **(saved.get("model") or {})} if isinstance(saved.get("model"), dict) else saved.get("model")
+    if saved_model != now["model"]:
         raise ConfigError(
             f"resume: the [model] settings differ from those of checkpoint {ckpt.path} "
             f"({saved.get('model')} vs {now['model']}); resume with the run's own settings or start a new run"
