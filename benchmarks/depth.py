@@ -262,9 +262,16 @@ def validate(spec: Spec, log) -> dict | None:
     """Validation-split accuracy (all 6,000 images, dual θ/2, T = 1..8) of a finished clip run: how the
     remedies of the gap are chosen, without the test set (written once to results/depth/val/<run>.json)."""
     out = VAL / f"{spec.name}.json"
-    if out.is_file():
-        return json.loads(out.read_text())
     run = RUNS_DIR / spec.name
+    if out.is_file():
+        done = json.loads(out.read_text())
+        # a result belongs to one trained network: a retrained run (another machine gives other weights)
+        # is validated again and the earlier result kept beside it
+        if not runs.is_finished(run) or done.get("run_val_accuracy") == _val_accuracy(run)[-1]:
+            return done
+        earlier = VAL / "earlier-training"
+        earlier.mkdir(exist_ok=True)
+        out.rename(earlier / out.name)
     if spec.activation != "clip" or not runs.is_finished(run):
         return None
     log(f"[depth] {spec.name}: validation split")
@@ -278,7 +285,7 @@ def validate(spec: Spec, log) -> dict | None:
         "dual θ/2, burst after additions": burst_after_additions(convert(model, neuron="dual", v_init=0.5))})
     result = {"run": spec.name, "arch": spec.arch, "levels": spec.levels, "seed": cfg.train.seed, "epochs": spec.epochs,
               "variant": spec.variant, "ann_accuracy": acc["ann_accuracy"], "snn_accuracy": acc["snn_accuracy"],
-              "num_samples": sum(y.shape[0] for _, y in val)}
+              "num_samples": sum(y.shape[0] for _, y in val), "run_val_accuracy": _val_accuracy(run)[-1]}
     VAL.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     return result
