@@ -24,7 +24,7 @@ from eclsnn.core.functional import LAMBDA_MIN
 from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron
 from eclsnn.simulation.network import SpikingNetwork
 from eclsnn.io._nir_common import META, _above, _below, _nir, _pair
-from eclsnn.io.limits import load_limit_hint, max_load_bytes
+from eclsnn.limits import load_limit_hint, max_load_bytes
 
 _MAX_STATE = 2.0**24  # |v_init|, |theta_neg| in units of θ: beyond, float32 cannot subtract one θ exactly
 
