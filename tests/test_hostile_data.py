@@ -278,12 +278,17 @@ def test_the_image_size_is_checked_before_torchvision_decodes(tmp_path, monkeypa
 
 def test_the_pixel_limit_is_raised_by_an_environment_variable(tmp_path, monkeypatch):
     pytest.importorskip("PIL")
+    import io
+
+    from PIL import Image
+
     hide_torchvision(monkeypatch)
-    good = png_declaring(1, 1)
-    dataset = load_dataset("imagenet", train=False, data_dir=image_tree(tmp_path, "x.png", good))
-    assert dataset.decode(0).shape == (3, 1, 1)
-    monkeypatch.setenv("ECLSNN_MAX_IMAGE_PIXELS", "0")
-    with pytest.raises(DataError, match="ECLSNN_MAX_IMAGE_PIXELS"):
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="PNG")
+    dataset = load_dataset("imagenet", train=False, data_dir=image_tree(tmp_path, "x.png", buffer.getvalue()))
+    assert dataset.decode(0).shape == (3, 4, 4)
+    monkeypatch.setenv("ECLSNN_MAX_IMAGE_PIXELS", "2")  # Pillow refuses more than twice it: 16 > 4
+    with pytest.raises(DataError, match="16 pixels.*ECLSNN_MAX_IMAGE_PIXELS"):
         dataset.decode(0)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from eclsnn import limits
 from eclsnn.errors import DataError
 from .info import DATASETS, DatasetInfo
 from .paths import ENV_VAR, format_places, search_roots
@@ -33,28 +35,65 @@ _RATIO = (3 / 4, 4 / 3)            # and aspect-ratio range
 # Decoding
 # --------------------------------------------------------------------------------------------------
 
+def _open_checked(path: Path):
+    """The image opened by Pillow, which reads only its header, refused (DataError) if it declares more pixels
+    than Pillow's decompression-bomb limit (``ECLSNN_MAX_IMAGE_PIXELS`` raises it): a few bytes of header can
+    declare gigabytes of pixels, and no decoder may allocate them."""
+    from PIL import Image
+
+    override, pillows = limits.max_image_pixels(), Image.MAX_IMAGE_PIXELS
+    if override is not None:  # for this call only: Pillow's setting is the user's
+        Image.MAX_IMAGE_PIXELS = override
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: {err} This is {limits.image_pixels_hint()}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillows
+
+
 def _decode_torchvision(path: Path) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image, read_file
 
+    try:  # torchvision's decoders have no such limit: the header is checked first (Pillow comes with it)
+        with _open_checked(path):
+            pass
+    except ImportError:  # pragma: no cover - torchvision depends on Pillow
+        pass
     return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
 
 
 def _decode_pil(path: Path) -> torch.Tensor:
     from PIL import Image
 
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    with _open_checked(path) as image:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        array = np.asarray(image, dtype=np.uint8).copy()
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+# torchvision builds whose import failed with something other than ImportError (e.g. a torchvision built
+# for another torch: "RuntimeError: operator torchvision::nms does not exist"); warned about once
+_BROKEN_IMPORTS: set[str] = set()
+
+
 def find_decoder() -> Callable[[Path], torch.Tensor]:
-    """The image decoder to use: torchvision, else Pillow, else a DataError saying what to install."""
+    """The image decoder to use: torchvision, else Pillow, else a DataError saying what to install.
+
+    A torchvision that is installed but fails at import in any other way than ImportError is skipped with
+    one warning: Pillow decodes the same images."""
     try:
         import torchvision.io  # noqa: F401
 
         return _decode_torchvision
     except ImportError:
         pass
+    except Exception as err:  # noqa: BLE001 - whatever a broken build raises, Pillow can still decode
+        if "torchvision" not in _BROKEN_IMPORTS:
+            _BROKEN_IMPORTS.add("torchvision")
+            warnings.warn(f"torchvision is installed but fails at import ({type(err).__name__}: {err}); "
+                          "decoding images with Pillow instead", stacklevel=2)
     try:
         import PIL.Image  # noqa: F401
 
@@ -154,6 +193,9 @@ class ImageFolderDataset:
         self.classes = _class_folders(class_source)
         if not self.classes:
             raise DataError(f"{class_source} has no class folders; expected <class>/*.JPEG inside it")
+        if len(self.classes) > limits.MAX_NUM_CLASSES:
+            raise DataError(f"{class_source} has {len(self.classes)} class folders; eclsnn trains at most "
+                            f"{limits.MAX_NUM_CLASSES} classes (eclsnn.limits.MAX_NUM_CLASSES)")
         index = {name: i for i, name in enumerate(self.classes)}
         self.samples = self._scan(index)
         base = info if info is not None else DATASETS["imagenet"]
