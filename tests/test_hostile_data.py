@@ -138,6 +138,29 @@ def test_a_cifar_batch_larger_than_the_load_limit_is_refused_naming_it(tmp_path,
         load_dataset("cifar10", train=True, data_dir=tmp_path)
 
 
+def _tar_header(name: str, size: int, kind: bytes = b"0") -> bytes:
+    """One ustar header block, written by hand so that it may lie about its size."""
+    block = bytearray(512)
+    block[0:len(name)] = name.encode()
+    block[100:108] = b"0000644\0"
+    block[124:136] = f"{size:011o}\0".encode()
+    block[156:157] = kind
+    block[257:263] = b"ustar\0"
+    block[148:156] = b" " * 8
+    block[148:156] = f"{sum(block):06o}\0 ".encode()
+    return bytes(block)
+
+
+def test_a_cifar_archive_with_many_members_is_refused_before_reading_them_all(tmp_path):
+    records = (b"\x01" + ROW) * 2
+    padded = records + bytes(-len(records) % 512)
+    body = b"".join(_tar_header(f"junk/{i}", 0) for i in range(200))
+    body += _tar_header("cifar-10-batches-bin/test_batch.bin", len(records)) + padded + bytes(1024)
+    (tmp_path / "cifar-10-binary.tar.gz").write_bytes(gzip.compress(body))
+    with pytest.raises(DataError, match="more than 64 members"):
+        load_dataset("cifar10", train=False, data_dir=tmp_path)
+
+
 # ---- IDX (Fashion-MNIST) ---------------------------------------------------------------------------------
 
 def idx_bytes(dims: tuple[int, ...], body: bytes = b"") -> bytes:
@@ -400,6 +423,11 @@ def bomb_results(tmp_path_factory):
     (folder / "test_batch").write_bytes(batch(_ndarray_call((1_000_000, 3072), _dtype(), b"\x00", (0, 0)),
                                               _ndarray_call((1_000_000,), _dtype(b"i8"), b"\x00" * 8, (0,))))
     cases["cifar-zero-strides-3GB"] = ("cifar10", str(folder.parent))
+    # CIFAR archive: a GNU long-name header declaring an 8 GiB name (tarfile reads it whole)
+    folder = root / "cifar-longname"
+    folder.mkdir()
+    (folder / "cifar-10-binary.tar.gz").write_bytes(gzip.compress(_tar_header("././@LongLink", 8 * 2**30 - 1, b"L")))
+    cases["cifar-tar-longname-8GB"] = ("cifar10", str(folder))
     # PNG: 91 bytes declaring 32 000 x 32 000 pixels (3 GB decoded); JPEG likewise
     for kind, data in (("png", png_declaring(32_000, 32_000)), ("jpeg", jpeg_declaring(32_000, 32_000))):
         cases[f"{kind}-3GB"] = ("imagenet", str(image_tree(root / kind, f"x.{kind}", data)))
@@ -419,6 +447,7 @@ def bomb_results(tmp_path_factory):
     ("idx-declares-3GB", "truncated"),
     ("cifar-unfilled-3GB", "CIFAR"),
     ("cifar-zero-strides-3GB", "CIFAR"),
+    ("cifar-tar-longname-8GB", "ECLSNN_MAX_LOAD_BYTES"),
     ("png-3GB", "MAX_IMAGE_PIXELS"),
     ("jpeg-3GB", "MAX_IMAGE_PIXELS"),
 ])

@@ -19,6 +19,9 @@ The others are sizes no real network or data set comes near, fixed:
 - :data:`MAX_NUM_CLASSES`, :data:`MAX_IN_CHANNELS`, :data:`MAX_IMAGE_VALUES`: sizes a checkpoint's
   ``meta.json`` gives the model and its input, and the classes a data set may have (its class folders, its
   largest label); ImageNet's 1000 classes and 224² images are far below them;
+- :data:`MAX_ARCHIVE_MEMBERS`, :data:`MAX_ARCHIVE_HEADER_BYTES`: the entries a data set's archive may have
+  before the one wanted (the official CIFAR archives have at most 9) and the bytes of one extended header
+  (a long name, pax attributes) in it;
 - :data:`MAX_SEED`: the seeds eclsnn accepts (numpy's range; the data loader's ``seed · 1 000 003 + epoch``
   then stays within the 64 bits of a torch generator).
 """
@@ -30,7 +33,7 @@ import os
 from eclsnn.errors import ConfigError
 
 __all__ = ["LOAD_LIMIT_ENV", "IMAGE_PIXELS_ENV", "DEFAULT_MAX_LOAD_BYTES", "MAX_JSON_BYTES", "MAX_NUM_CLASSES",
-           "MAX_IN_CHANNELS", "MAX_IMAGE_VALUES", "MAX_SEED", "max_load_bytes", "load_limit_hint",
+           "MAX_IN_CHANNELS", "MAX_IMAGE_VALUES", "MAX_SEED", "MAX_ARCHIVE_MEMBERS", "MAX_ARCHIVE_HEADER_BYTES", "max_load_bytes", "load_limit_hint",
            "max_image_pixels", "image_pixels_hint"]
 
 LOAD_LIMIT_ENV = "ECLSNN_MAX_LOAD_BYTES"
@@ -41,6 +44,8 @@ MAX_NUM_CLASSES = 100_000
 MAX_IN_CHANNELS = 4096
 MAX_IMAGE_VALUES = 2**26  # channels x image_size^2 of one input image
 MAX_SEED = 2**32 - 1
+MAX_ARCHIVE_MEMBERS = 64
+MAX_ARCHIVE_HEADER_BYTES = 2**20
 
 
 def _positive_env(name: str, example: int) -> int | None:

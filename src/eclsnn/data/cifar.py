@@ -1,8 +1,9 @@
 """CIFAR-10 and CIFAR-100 (Krizhevsky 2009) from the official archives or their extracted folders.
 
 Both official versions are read: the "python" version (pickled dicts) and the "binary" version
-(fixed-size records). The pickles are opened with `SafeUnpickler`, which can rebuild numpy arrays
-and nothing else, so a tampered file cannot run code. Archives are read member by member with
+(fixed-size records). The pickles are opened with `SafeUnpickler`, which can rebuild the official layout
+of a uint8 array from exactly its bytes and nothing else, so a tampered file can neither run code nor
+declare memory its bytes do not hold. Archives are read member by member with
 `tarfile` without extracting anything to disk; only regular files with the expected names are read.
 """
 
@@ -246,26 +247,47 @@ class _FolderSource:
         return None
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended headers (a GNU long name, pax attributes), which tarfile reads whole
+    into memory, may declare at most ``MAX_ARCHIVE_HEADER_BYTES``."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                    tarfile.SOLARIS_XHDTYPE)
+        if self.type in extended and self.size > limits.MAX_ARCHIVE_HEADER_BYTES:
+            raise DataError(f"{tarfile_.name}: an extended tar header declares {self.size} bytes, "
+                            f"{limits.load_limit_hint(self.size, 'the archive')}"
+                            if self.size > limits.max_load_bytes() else
+                            f"{tarfile_.name}: an extended tar header declares {self.size} bytes, more than the "
+                            f"{limits.MAX_ARCHIVE_HEADER_BYTES} of any genuine archive; it is not the official "
+                            "archive. Delete it and fetch it again")
+        return super()._proc_member(tarfile_)
+
+
 class _TarSource:
-    """Members read straight from a .tar.gz; only regular files with the exact expected name."""
+    """Members read straight from a .tar.gz; only regular files with the exact expected name. The archive's
+    entries are listed once, at most ``MAX_ARCHIVE_MEMBERS`` of them (tarfile keeps each in memory)."""
 
     def __init__(self, archive: Path, folder: str) -> None:
         self.archive, self.folder = archive, folder
         try:
-            self.tar = tarfile.open(archive, "r:*")
+            self.tar = tarfile.open(archive, "r:*", tarinfo=_BoundedTarInfo)
+            self.members: dict[str, tarfile.TarInfo] = {}
+            while (info := self.tar.next()) is not None:
+                if len(self.members) >= limits.MAX_ARCHIVE_MEMBERS:
+                    raise DataError(f"{archive} has more than {limits.MAX_ARCHIVE_MEMBERS} members; the official "
+                                    "archive has fewer than ten. Delete it and fetch it again")
+                self.members.setdefault(info.name, info)
         except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
             raise DataError(f"{archive} is not a readable tar archive ({err}); "
                             "delete it and fetch it again (or pass --download)") from err
 
     def read(self, member: str) -> bytes:
         name = f"{self.folder}/{member}"
-        try:
-            info = self.tar.getmember(name)
-        except KeyError:
+        info = self.members.get(name)
+        if info is None:
             raise DataError(f"{self.archive} has no member {name}; it is not the official archive "
-                            "or it is incomplete. Delete it and fetch it again") from None
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-            raise DataError(f"{self.archive} is damaged ({err}); delete it and fetch it again") from err
+                            "or it is incomplete. Delete it and fetch it again")
         if not info.isreg():  # links could point anywhere; the official archives hold plain files
             raise DataError(f"{self.archive}: member {name} is not a regular file; refusing to read it")
         _check_size(f"{self.archive}:{name}", info.size)
