@@ -10,6 +10,7 @@ outcome and its peak resident memory."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import struct
 import subprocess
@@ -232,8 +233,6 @@ def test_bad_idx_files_at_the_command_line_give_one_line_and_exit_2(tmp_path, ca
 
 def png_declaring(width: int, height: int) -> bytes:
     """A valid 1 x 1 PNG whose header (IHDR, CRC fixed) claims width x height pixels."""
-    import io
-
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -246,8 +245,6 @@ def png_declaring(width: int, height: int) -> bytes:
 
 
 def jpeg_declaring(width: int, height: int) -> bytes:
-    import io
-
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -293,7 +290,8 @@ def test_the_image_size_is_checked_before_torchvision_decodes(tmp_path, monkeypa
     fake.io.decode_image = lambda data, mode: calls.append(("decode_image",)) or torch.zeros(3, 2, 2, dtype=torch.uint8)
     monkeypatch.setitem(sys.modules, "torchvision", fake)
     monkeypatch.setitem(sys.modules, "torchvision.io", fake.io)
-    dataset = load_dataset("imagenet", train=False, data_dir=image_tree(tmp_path, "x.png", png_declaring(60_000, 60_000)))
+    root = image_tree(tmp_path, "x.png", png_declaring(60_000, 60_000))
+    dataset = load_dataset("imagenet", train=False, data_dir=root)
     with pytest.raises(DataError, match="MAX_IMAGE_PIXELS"):
         dataset.decode(0)
     assert calls == []  # torchvision never saw the file
@@ -301,8 +299,6 @@ def test_the_image_size_is_checked_before_torchvision_decodes(tmp_path, monkeypa
 
 def test_the_pixel_limit_is_raised_by_an_environment_variable(tmp_path, monkeypatch):
     pytest.importorskip("PIL")
-    import io
-
     from PIL import Image
 
     hide_torchvision(monkeypatch)
@@ -351,6 +347,7 @@ def test_an_image_folder_with_more_classes_than_the_limit_is_refused(tmp_path, m
     import eclsnn.limits as limits
 
     monkeypatch.setattr(limits, "MAX_NUM_CLASSES", 3)
+    hide_torchvision(monkeypatch)
     for k in range(4):
         (tmp_path / "val" / f"n{k}").mkdir(parents=True)
     with pytest.raises(DataError, match="4 class folders.*at most 3"):
@@ -388,7 +385,7 @@ RUNNER = textwrap.dedent("""
                 warnings.simplefilter("ignore")
                 data = load_dataset(dataset, train=False, data_dir=folder)
                 if dataset == "imagenet":
-                    data.decode(0)
+                    data[0]  # decoded, resized and cropped for evaluation
             results[name] = "loaded"
         except DataError as err:
             results[name] = "DataError: " + str(err)
@@ -431,6 +428,13 @@ def bomb_results(tmp_path_factory):
     # PNG: 91 bytes declaring 32 000 x 32 000 pixels (3 GB decoded); JPEG likewise
     for kind, data in (("png", png_declaring(32_000, 32_000)), ("jpeg", jpeg_declaring(32_000, 32_000))):
         cases[f"{kind}-3GB"] = ("imagenet", str(image_tree(root / kind, f"x.{kind}", data)))
+    # PNG: a real 1 x 10 000 image (10 000 pixels), resized to 256 x 2 560 000 before its centre crop (7.8 GB
+    # as floats)
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 10_000)).save(buffer, format="PNG")
+    cases["png-1x10000-resized"] = ("imagenet", str(image_tree(root / "thin", "x.png", buffer.getvalue())))
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(SRC), "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1",
            "HOME": str(root), "XDG_CACHE_HOME": str(root / "cache")}
     proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(cases)], capture_output=True, text=True,
@@ -450,6 +454,7 @@ def bomb_results(tmp_path_factory):
     ("cifar-tar-longname-8GB", "ECLSNN_MAX_LOAD_BYTES"),
     ("png-3GB", "MAX_IMAGE_PIXELS"),
     ("jpeg-3GB", "MAX_IMAGE_PIXELS"),
+    ("png-1x10000-resized", "aspect ratio"),
 ])
 def test_decompression_bombs_fail_within_512_mib(bomb_results, case, match):
     outcome = bomb_results[case]

@@ -67,10 +67,10 @@ def _decode_pil(path: Path) -> torch.Tensor:
     from PIL import Image
 
     with _open_checked(path) as image:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        array = np.asarray(image, dtype=np.uint8).copy()
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        hwc = np.asarray(rgb, dtype=np.uint8)  # a view of Pillow's bytes: 3 bytes a pixel
+        rgb.close()  # Pillow's own copy (4 bytes a pixel) goes before the transpose copies
+    return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
 
 
 # torchvision builds whose import failed with something other than ImportError (e.g. a torchvision built
@@ -127,6 +127,10 @@ def eval_transform(image: torch.Tensor, size: int) -> torch.Tensor:
         new_h, new_w = short, max(short, round(width * short / height))
     else:
         new_h, new_w = max(short, round(height * short / width)), short
+    if image.shape[0] * new_h * new_w > limits.MAX_IMAGE_VALUES:  # (a 1 x 10 000 image: 256 x 2 560 000)
+        raise DataError(f"an image of {height} x {width} pixels would be resized to {new_h} x {new_w} before its "
+                        f"centre crop, more than the {limits.MAX_IMAGE_VALUES} values eclsnn allows one image: "
+                        "its aspect ratio is too extreme for the evaluation transform")
     image = _resize(image, new_h, new_w)
     top, left = round((new_h - size) / 2), round((new_w - size) / 2)
     return image[:, top:top + size, left:left + size].contiguous()
@@ -243,7 +247,10 @@ class ImageFolderDataset:
         if augment:
             image = train_transform(image, size, self.info.hflip, generator or torch.Generator())
         else:
-            image = eval_transform(image, size)
+            try:
+                image = eval_transform(image, size)
+            except DataError as err:
+                raise DataError(f"{self.samples[index][0]}: {err}") from None
         return image, self.samples[index][1]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
