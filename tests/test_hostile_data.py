@@ -93,7 +93,7 @@ def batch(data: bytes, labels: bytes) -> bytes:
 ROW = bytes(range(256)) * 12  # 3072 bytes: one image
 
 PICKLES = {
-    # 151 bytes declaring 100 000 unfilled images (307 MB; 10^6 would be 3 GB) and as many labels
+    # 257 bytes declaring 100 000 unfilled images (307 MB; 10^6 would be 3 GB) and as many labels
     "unfilled-100000": batch(_reconstruct((100_000, 3072), _dtype()), _reconstruct((100_000,), _dtype(b"i8"))),
     # numpy.ndarray called with strides 0: 100 000 images read from one byte
     "zero-strides": batch(_ndarray_call((100_000, 3072), _dtype(), b"\x00", (0, 0)),
@@ -409,7 +409,7 @@ def bomb_results(tmp_path_factory):
     # IDX: a header declaring 3.2 GB (within the default load limit) in a 60 byte file
     folder = write_split(root / "idx-declares-3GB", idx_bytes((4_000_000, 28, 28)), idx_bytes((4_000_000,)))
     cases["idx-declares-3GB"] = ("fashion-mnist", str(folder))
-    # CIFAR: 151 bytes declaring 10^6 unfilled images (3 GB)
+    # CIFAR: 257 bytes declaring 10^6 unfilled images (3 GB)
     folder = root / "cifar-unfilled" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     (folder / "test_batch").write_bytes(batch(_reconstruct((1_000_000, 3072), _dtype()),
@@ -420,12 +420,12 @@ def bomb_results(tmp_path_factory):
     (folder / "test_batch").write_bytes(batch(_ndarray_call((1_000_000, 3072), _dtype(), b"\x00", (0, 0)),
                                               _ndarray_call((1_000_000,), _dtype(b"i8"), b"\x00" * 8, (0,))))
     cases["cifar-zero-strides-3GB"] = ("cifar10", str(folder.parent))
-    # CIFAR archive: a GNU long-name header declaring an 8 GiB name (tarfile reads it whole)
+    # CIFAR archive: 66 bytes whose GNU long-name header declares an 8 GiB name (tarfile reads it whole)
     folder = root / "cifar-longname"
     folder.mkdir()
     (folder / "cifar-10-binary.tar.gz").write_bytes(gzip.compress(_tar_header("././@LongLink", 8 * 2**30 - 1, b"L")))
     cases["cifar-tar-longname-8GB"] = ("cifar10", str(folder))
-    # PNG: 91 bytes declaring 32 000 x 32 000 pixels (3 GB decoded); JPEG likewise
+    # PNG: 69 bytes declaring 32 000 x 32 000 pixels (3 GB decoded); JPEG likewise
     for kind, data in (("png", png_declaring(32_000, 32_000)), ("jpeg", jpeg_declaring(32_000, 32_000))):
         cases[f"{kind}-3GB"] = ("imagenet", str(image_tree(root / kind, f"x.{kind}", data)))
     # PNG: a real 1 x 10 000 image (10 000 pixels), resized to 256 x 2 560 000 before its centre crop (7.8 GB
