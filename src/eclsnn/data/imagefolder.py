@@ -70,7 +70,7 @@ def _decode_pil(path: Path) -> torch.Tensor:
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         hwc = np.asarray(rgb, dtype=np.uint8)  # a view of Pillow's bytes: 3 bytes a pixel
         rgb.close()  # Pillow's own copy (4 bytes a pixel) goes before the transpose copies
-    return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+    return torch.from_numpy(np.array(hwc.transpose(2, 0, 1), order="C"))  # (a copy always: writable)
 
 
 # torchvision builds whose import failed with something other than ImportError (e.g. a torchvision built
