@@ -369,7 +369,7 @@ RUNNER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from eclsnn.data import load_dataset
-    from eclsnn.errors import DataError
+    from eclsnn.errors import EclsnnError
     import PIL.Image  # imported before the limit, like every library the readers use
     cases = json.loads(sys.argv[1])
     def vm_bytes():
@@ -383,18 +383,41 @@ RUNNER = textwrap.dedent("""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                data = load_dataset(dataset, train=False, data_dir=folder)
-                if dataset == "imagenet":
-                    data[0]  # decoded, resized and cropped for evaluation
+                if dataset == "nir":
+                    from eclsnn.io.nir import read_nir
+                    read_nir(folder)
+                else:
+                    data = load_dataset(dataset, train=False, data_dir=folder)
+                    if dataset == "imagenet":
+                        data[0]  # decoded, resized and cropped for evaluation
             results[name] = "loaded"
-        except DataError as err:
-            results[name] = "DataError: " + str(err)
+        except EclsnnError as err:
+            results[name] = type(err).__name__ + ": " + str(err)
         except BaseException as err:
             results[name] = type(err).__name__ + ": " + str(err)[:200]
     results["_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["_baseline_vm_mib"] = base / 2**20
     print(json.dumps(results))
 """ % HEADROOM)
+
+
+def _nir_with_a_huge_string(path: Path) -> Path | None:
+    """A NIR file of a small network, its first edge's string descriptor (4-byte length first) edited."""
+    try:
+        import h5py
+        import nir
+    except ImportError:
+        return None
+    import eclsnn
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), eclsnn.ThresholdClip(levels=4), torch.nn.Linear(5, 3)).eval()
+    nir.write(path, eclsnn.to_nir(eclsnn.convert(model), torch.zeros(1, 4), neurons="if"))
+    with h5py.File(path, "r") as f:
+        offset = f["node/edges"].id.get_offset()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack("<I", 2**32 - 65535))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -435,6 +458,10 @@ def bomb_results(tmp_path_factory):
     buffer = io.BytesIO()
     Image.new("RGB", (1, 10_000)).save(buffer, format="PNG")
     cases["png-1x10000-resized"] = ("imagenet", str(image_tree(root / "thin", "x.png", buffer.getvalue())))
+    # NIR: a variable-length string of the graph's edges whose length field says 2^32 - 65535 bytes
+    nir_path = _nir_with_a_huge_string(root / "huge-string.nir")
+    if nir_path is not None:
+        cases["nir-string-4GB"] = ("nir", str(nir_path))
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(SRC), "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1",
            "HOME": str(root), "XDG_CACHE_HOME": str(root / "cache")}
     proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(cases)], capture_output=True, text=True,
@@ -455,7 +482,11 @@ def bomb_results(tmp_path_factory):
     ("png-3GB", "MAX_IMAGE_PIXELS"),
     ("jpeg-3GB", "MAX_IMAGE_PIXELS"),
     ("png-1x10000-resized", "aspect ratio"),
+    ("nir-string-4GB", "declares a string"),
 ])
 def test_decompression_bombs_fail_within_512_mib(bomb_results, case, match):
+    if case not in bomb_results:
+        pytest.skip("nir or h5py is not installed")
     outcome = bomb_results[case]
-    assert outcome.startswith("DataError") and match in outcome, outcome
+    expected = "ConversionError" if case.startswith("nir") else "DataError"
+    assert outcome.startswith(expected) and match in outcome, outcome
