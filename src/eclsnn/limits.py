@@ -18,7 +18,8 @@ The others are sizes no real network or data set comes near, fixed:
   structure, never arrays);
 - :data:`MAX_NUM_CLASSES`, :data:`MAX_IN_CHANNELS`, :data:`MAX_IMAGE_VALUES`: sizes a checkpoint's
   ``meta.json`` gives the model and its input, and the classes a data set may have (its class folders, its
-  largest label); ImageNet's 1000 classes and 224² images are far below them;
+  largest label), and the values of one image as the evaluation transform resizes it before the centre crop;
+  ImageNet's 1000 classes and 224² images are far below them;
 - :data:`MAX_ARCHIVE_MEMBERS`, :data:`MAX_ARCHIVE_HEADER_BYTES`: the entries a data set's archive may have
   before the one wanted (the official CIFAR archives have at most 9) and the bytes of one extended header
   (a long name, pax attributes) in it;
@@ -33,8 +34,8 @@ import os
 from eclsnn.errors import ConfigError
 
 __all__ = ["LOAD_LIMIT_ENV", "IMAGE_PIXELS_ENV", "DEFAULT_MAX_LOAD_BYTES", "MAX_JSON_BYTES", "MAX_NUM_CLASSES",
-           "MAX_IN_CHANNELS", "MAX_IMAGE_VALUES", "MAX_SEED", "MAX_ARCHIVE_MEMBERS", "MAX_ARCHIVE_HEADER_BYTES", "max_load_bytes", "load_limit_hint",
-           "max_image_pixels", "image_pixels_hint"]
+           "MAX_IN_CHANNELS", "MAX_IMAGE_VALUES", "MAX_SEED", "MAX_ARCHIVE_MEMBERS", "MAX_ARCHIVE_HEADER_BYTES",
+           "max_load_bytes", "load_limit_hint", "max_image_pixels", "image_pixels_hint"]
 
 LOAD_LIMIT_ENV = "ECLSNN_MAX_LOAD_BYTES"
 IMAGE_PIXELS_ENV = "ECLSNN_MAX_IMAGE_PIXELS"
