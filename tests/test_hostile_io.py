@@ -307,6 +307,9 @@ def test_meta_json_fields_of_the_wrong_type_are_refused_naming_file_and_field(ck
 @pytest.mark.parametrize("edit,field", [
     (lambda spec: [spec], "a JSON object"), (set_field("checkpoint", 5), "checkpoint"), (set_field("convert", 5), "convert"),
     (set_field("convert", ["if"]), "convert"),
+    (set_field("convert.neuron", []), "convert.neuron"), (set_field("convert.maxpool", {"a": 1}), "convert.maxpool"),
+    (set_field("convert.threshold_rule", [1]), "convert.threshold_rule"),
+    (set_field("convert.v_init", "abc"), "convert.v_init"), (set_field("convert.percentile", [99]), "convert.percentile"),
 ])
 def test_snn_json_fields_of_the_wrong_type_are_refused_naming_file_and_field(snn_folder, edit, field):
     edit_json(snn_folder / "snn.json", edit)

@@ -35,7 +35,7 @@ from eclsnn.conversion.calibration import THRESHOLD_RULES
 from eclsnn.conversion.converter import MAXPOOL_POLICIES, NEURONS
 from eclsnn.data import DATASETS
 from eclsnn.errors import ConfigError
-from eclsnn.io.limits import MAX_SEED
+from eclsnn.limits import MAX_SEED
 from eclsnn.models import ACTIVATIONS, POOLS, list_models
 from eclsnn.models.external import check_arch, is_external
 

@@ -7,14 +7,17 @@ The files are looked for in several common layouts so that copies made by other 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
+from eclsnn import limits
 from eclsnn.errors import DataError
 from .download import download_file
 from .info import DATASETS, ImageTensors
@@ -68,47 +71,76 @@ def find_split(data_dir: str | os.PathLike | None, train: bool) -> tuple[Path, P
     return None
 
 
-def _read_bytes(path: Path) -> bytes:
-    """File contents, gunzipped if the file starts with the gzip magic (whatever its name says)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise DataError(f"cannot read {path}: {err}") from err
-    if raw[:2] != _GZIP_MAGIC:
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as err:
-        raise DataError(
-            f"{path} is a damaged gzip file ({err}); delete it and fetch it again (e.g. with --download)"
-        ) from err
+_CHUNK = 1 << 24
+
+
+def _read_exactly(stream: BinaryIO, count: int) -> bytearray:
+    """Up to `count` bytes of `stream`, read in chunks: the memory taken follows the data that is really
+    there, not the count a header asked for."""
+    chunks, total = [], 0
+    while total < count:
+        chunk = stream.read(min(count - total, _CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    out, position = bytearray(total), 0
+    chunks.reverse()
+    while chunks:  # each chunk freed once copied
+        chunk = chunks.pop()
+        out[position:position + len(chunk)] = chunk
+        position += len(chunk)
+    return out
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Parse an IDX file of unsigned bytes with `ndim` dimensions (LeCun's MNIST format).
+    """Parse an IDX file of unsigned bytes with `ndim` dimensions (LeCun's MNIST format), gzipped or not
+    (whatever its name says).
 
     Layout: two zero bytes, a type byte (0x08 = ubyte), the number of dimensions, then one big-endian
-    uint32 per dimension, then the data. Anything else is rejected before numpy sees it.
+    uint32 per dimension, then the data. The header is checked before the data is read; the data is read
+    up to the size the header declares (which must be within :func:`eclsnn.limits.max_load_bytes`) and
+    not a byte further, so a gzip stream that inflates to more than that is refused unread.
     """
-    raw = _read_bytes(path)
-    header = 4 + 4 * ndim
     fix = "delete it and fetch it again (e.g. with --download)"
-    if len(raw) < header:
-        raise DataError(f"{path} is too short to be an IDX file ({len(raw)} bytes); {fix}")
-    zero, type_code, dims = struct.unpack(">HBB", raw[:4])
+    try:
+        with open(path, "rb") as raw_file:
+            compressed = raw_file.read(2) == _GZIP_MAGIC
+            raw_file.seek(0)
+            stream: BinaryIO = gzip.GzipFile(fileobj=raw_file, mode="rb") if compressed else raw_file
+            return _parse_idx(stream, path, ndim, None if compressed else os.fstat(raw_file.fileno()).st_size, fix)
+    except (OSError, EOFError, zlib.error) as err:
+        damage = "a damaged gzip file" if isinstance(err, (EOFError, zlib.error, gzip.BadGzipFile)) else "unreadable"
+        raise DataError(f"{path} is {damage} ({err}); {fix}") from err
+
+
+def _parse_idx(stream: BinaryIO, path: Path, ndim: int, file_size: int | None, fix: str) -> np.ndarray:
+    header_size = 4 + 4 * ndim
+    header = _read_exactly(stream, header_size)
+    if len(header) < header_size:
+        raise DataError(f"{path} is too short to be an IDX file ({len(header)} bytes); {fix}")
+    zero, type_code, dims = struct.unpack(">HBB", header[:4])
     if zero != 0 or type_code != _IDX_UBYTE or dims != ndim:
         raise DataError(
-            f"{path} has IDX magic 0x{raw[:4].hex()}, expected 0x000008{ndim:02x} "
+            f"{path} has IDX magic 0x{header[:4].hex()}, expected 0x000008{ndim:02x} "
             f"(unsigned bytes, {ndim} dimensions); it is not the expected file or it is corrupt; {fix}"
         )
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + int(np.prod(shape, dtype=np.int64))
-    if len(raw) != expected:
-        raise DataError(
-            f"{path} is truncated or corrupt: its header promises shape {shape} ({expected} bytes) "
-            f"but it has {len(raw)} bytes; {fix}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
+    shape = struct.unpack(f">{ndim}I", header[4:])
+    declared = math.prod(shape)  # Python integers: no overflow, however large the dimensions
+    if declared > limits.max_load_bytes():
+        raise DataError(f"{path} declares shape {shape}, {declared} bytes: "
+                        f"{limits.load_limit_hint(declared, 'the data set')}")
+    if file_size is not None and file_size != header_size + declared:
+        raise DataError(f"{path} is truncated or corrupt: its header promises shape {shape} "
+                        f"({header_size + declared} bytes) but it has {file_size} bytes; {fix}")
+    data = _read_exactly(stream, declared)
+    if len(data) != declared:
+        raise DataError(f"{path} is truncated or corrupt: its header promises shape {shape} "
+                        f"({declared} bytes of data) but it holds {len(data)}; {fix}")
+    if stream.read(1):
+        raise DataError(f"{path} holds more data than its header declares (shape {shape}); "
+                        f"it is not the expected file or it is corrupt; {fix}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _missing_message(data_dir: str | os.PathLike | None, train: bool) -> str:
@@ -146,12 +178,19 @@ def load_fashion_mnist(
     image_path, label_path = found
     images = read_idx(image_path, ndim=3)
     labels = read_idx(label_path, ndim=1)
+    info = DATASETS["fashion-mnist"]
+    side = info.image_size
+    if images.shape[1:] != (side, side):
+        raise DataError(f"{image_path} holds images of {images.shape[1]} x {images.shape[2]} pixels; "
+                        f"Fashion-MNIST images are {side} x {side}. It is not the expected file; delete it and "
+                        "fetch it again (e.g. with --download)")
+    if len(images) == 0:
+        raise DataError(f"{image_path} holds no images; delete it and fetch it again (e.g. with --download)")
     if len(images) != len(labels):
         raise DataError(
             f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels; "
             "the two files belong to different splits or one is damaged"
         )
-    info = DATASETS["fashion-mnist"]
     if labels.size and int(labels.max()) >= info.num_classes:
         raise DataError(f"{label_path} has label {int(labels.max())}, Fashion-MNIST has {info.num_classes} classes")
     return ImageTensors(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from eclsnn import limits
 from eclsnn.errors import DataError
 from .info import DATASETS, DatasetInfo
 from .paths import ENV_VAR, format_places, search_roots
@@ -33,22 +35,54 @@ _RATIO = (3 / 4, 4 / 3)            # and aspect-ratio range
 # Decoding
 # --------------------------------------------------------------------------------------------------
 
+def _open_checked(path: Path):
+    """The image opened by Pillow, which reads only its header, refused (DataError) if it declares more pixels
+    than Pillow's decompression-bomb limit (``ECLSNN_MAX_IMAGE_PIXELS`` raises it): a few bytes of header can
+    declare gigabytes of pixels, and no decoder may allocate them."""
+    from PIL import Image
+
+    override, pillows = limits.max_image_pixels(), Image.MAX_IMAGE_PIXELS
+    if override is not None:  # for this call only: Pillow's setting is the user's
+        Image.MAX_IMAGE_PIXELS = override
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: {err} This is {limits.image_pixels_hint()}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillows
+
+
 def _decode_torchvision(path: Path) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image, read_file
 
+    try:  # torchvision's decoders have no such limit: the header is checked first (Pillow comes with it)
+        with _open_checked(path):
+            pass
+    except ImportError:  # pragma: no cover - torchvision depends on Pillow
+        pass
     return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
 
 
 def _decode_pil(path: Path) -> torch.Tensor:
     from PIL import Image
 
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    with _open_checked(path) as image:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        hwc = np.asarray(rgb, dtype=np.uint8)  # a view of Pillow's bytes: 3 bytes a pixel
+        rgb.close()  # Pillow's own copy (4 bytes a pixel) goes before the transpose copies
+    return torch.from_numpy(np.array(hwc.transpose(2, 0, 1), order="C"))  # (a copy always: writable)
+
+
+# torchvision builds whose import failed with something other than ImportError (e.g. a torchvision built
+# for another torch: "RuntimeError: operator torchvision::nms does not exist"); warned about once
+_BROKEN_IMPORTS: set[str] = set()
 
 
 def find_decoder() -> Callable[[Path], torch.Tensor]:
-    """The image decoder to use: torchvision, else Pillow, else a DataError saying what to install."""
+    """The image decoder to use: torchvision, else Pillow, else a DataError saying what to install.
+
+    A torchvision that is installed but fails at import in any other way than ImportError is skipped with
+    one warning: Pillow decodes the same images."""
     try:
         import torchvision.io
 
@@ -58,6 +92,11 @@ def find_decoder() -> Callable[[Path], torch.Tensor]:
             return _decode_torchvision
     except Exception:  # noqa: BLE001
         pass
+    except Exception as err:  # noqa: BLE001 - whatever a broken build raises, Pillow can still decode
+        if "torchvision" not in _BROKEN_IMPORTS:
+            _BROKEN_IMPORTS.add("torchvision")
+            warnings.warn(f"torchvision is installed but fails at import ({type(err).__name__}: {err}); "
+                          "decoding images with Pillow instead", stacklevel=2)
     try:
         import PIL.Image  # noqa: F401
 
@@ -91,6 +130,10 @@ def eval_transform(image: torch.Tensor, size: int) -> torch.Tensor:
         new_h, new_w = short, max(short, round(width * short / height))
     else:
         new_h, new_w = max(short, round(height * short / width)), short
+    if image.shape[0] * new_h * new_w > limits.MAX_IMAGE_VALUES:  # (a 1 x 10 000 image: 256 x 2 560 000)
+        raise DataError(f"an image of {height} x {width} pixels would be resized to {new_h} x {new_w} before its "
+                        f"centre crop, more than the {limits.MAX_IMAGE_VALUES} values eclsnn allows one image: "
+                        "its aspect ratio is too extreme for the evaluation transform")
     image = _resize(image, new_h, new_w)
     top, left = round((new_h - size) / 2), round((new_w - size) / 2)
     return image[:, top:top + size, left:left + size].contiguous()
@@ -157,6 +200,9 @@ class ImageFolderDataset:
         self.classes = _class_folders(class_source)
         if not self.classes:
             raise DataError(f"{class_source} has no class folders; expected <class>/*.JPEG inside it")
+        if len(self.classes) > limits.MAX_NUM_CLASSES:
+            raise DataError(f"{class_source} has {len(self.classes)} class folders; eclsnn trains at most "
+                            f"{limits.MAX_NUM_CLASSES} classes (eclsnn.limits.MAX_NUM_CLASSES)")
         index = {name: i for i, name in enumerate(self.classes)}
         self.samples = self._scan(index)
         base = info if info is not None else DATASETS["imagenet"]
@@ -204,7 +250,10 @@ class ImageFolderDataset:
         if augment:
             image = train_transform(image, size, self.info.hflip, generator or torch.Generator())
         else:
-            image = eval_transform(image, size)
+            try:
+                image = eval_transform(image, size)
+            except DataError as err:
+                raise DataError(f"{self.samples[index][0]}: {err}") from None
         return image, self.samples[index][1]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

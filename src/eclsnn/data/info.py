@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from eclsnn import limits
 from eclsnn.errors import DataError
 
 
@@ -161,6 +162,13 @@ def infer_info_from_tensors(
         raise DataError(f"{name}: images must be a non-empty uint8 tensor [N, C, H, W]")
     if labels.dim() != 1 or len(labels) != len(images):
         raise DataError(f"{name}: labels must be 1-D with one label per image")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise DataError(f"{name}: labels must be integers, got {labels.dtype}")
+    if int(labels.min()) < 0:
+        raise DataError(f"{name}: labels must not be negative, got {int(labels.min())}")
+    if int(labels.max()) >= limits.MAX_NUM_CLASSES:
+        raise DataError(f"{name}: the largest label, {int(labels.max())}, would make {int(labels.max()) + 1} "
+                        f"classes; eclsnn trains at most {limits.MAX_NUM_CLASSES} classes")
     pixels = images.to(torch.float64).div_(255.0)
     mean = tuple(float(m) for m in pixels.mean(dim=(0, 2, 3)))
     std = tuple(max(float(s), 1e-6) for s in pixels.std(dim=(0, 2, 3)))

@@ -43,7 +43,7 @@ from torch import nn
 
 from eclsnn.errors import CheckpointError, ThresholdWarning
 from eclsnn.io._files import FAULT_ENV, _fault_hit, _fsync_dir, _pid_alive, _write_bytes, git_revision
-from eclsnn.io.limits import MAX_IMAGE_VALUES, MAX_IN_CHANNELS, MAX_NUM_CLASSES, MAX_SEED
+from eclsnn.limits import MAX_IMAGE_VALUES, MAX_IN_CHANNELS, MAX_NUM_CLASSES, MAX_SEED
 from eclsnn.io.rng_state import capture_rng_state, restore_rng_state
 from eclsnn.io.safetensors_io import (_PICKLE_SUFFIXES, _UNPICKLE_MESSAGE, _decode, _read_json, _read_safetensors,
                                       _refuse_pickle, _state_files)

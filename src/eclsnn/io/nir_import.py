@@ -24,7 +24,7 @@ from eclsnn.core.functional import LAMBDA_MIN
 from eclsnn.core.neurons import DualThresholdIFNeuron, IFNeuron
 from eclsnn.simulation.network import SpikingNetwork
 from eclsnn.io._nir_common import META, _above, _below, _nir, _pair
-from eclsnn.io.limits import load_limit_hint, max_load_bytes
+from eclsnn.limits import load_limit_hint, max_load_bytes
 
 _MAX_STATE = 2.0**24  # |v_init|, |theta_neg| in units of θ: beyond, float32 cannot subtract one θ exactly
 
@@ -443,17 +443,38 @@ def _declared_bytes(graph) -> int:
 
 
 def _declared_file_bytes(path: Path) -> int:
-    """The bytes the datasets of a NIR (HDF5) file declare, read from their shapes without reading them."""
+    """The bytes the datasets of a NIR (HDF5) file declare, read from their shapes without reading them.
+
+    Strings and other variable-length data (the graph's edges, node types, metadata) are stored as one
+    descriptor per element, whose first 4 bytes are its length; libhdf5 allocates that length before it
+    reads the data. Their data lives in the file, so a length beyond the file's size is refused here, read
+    from the descriptors themselves (for the contiguous layout h5py writes; others are left to libhdf5)."""
     import h5py
 
-    total = 0
+    total, file_size = 0, path.stat().st_size
 
-    def visit(_name, obj):
-        nonlocal total
-        if isinstance(obj, h5py.Dataset):
+    with h5py.File(path, "r") as f, open(path, "rb") as raw:
+        address_size = f.id.get_create_plist().get_sizes()[0]
+
+        def visit(name, obj):
+            nonlocal total
+            if not isinstance(obj, h5py.Dataset):
+                return
             total += int(obj.size or 0) * max(4, obj.dtype.itemsize)
+            base = h5py.check_vlen_dtype(obj.dtype)
+            offset = obj.id.get_offset() if base is not None else None
+            if offset is None or not obj.size:
+                return
+            step = 4 + address_size + 4  # length, global heap address, index in the heap
+            raw.seek(offset)
+            descriptors = raw.read(step * obj.size)
+            for at in range(0, len(descriptors) - 3, step):
+                length = int.from_bytes(descriptors[at:at + 4], "little") * max(1, np.dtype(base).itemsize)
+                if length > file_size:
+                    raise ValueError(f"{name} declares a string or sequence of {length} bytes in a file of "
+                                     f"{file_size} bytes")
+                total += length
 
-    with h5py.File(path, "r") as f:
         f.visititems(visit)
     return total
 

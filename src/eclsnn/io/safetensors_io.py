@@ -16,7 +16,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from eclsnn.errors import CheckpointError
-from eclsnn.io.limits import MAX_JSON_BYTES, load_limit_hint, max_load_bytes
+from eclsnn.limits import MAX_JSON_BYTES, load_limit_hint, max_load_bytes
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar", ".npy", ".npz", ".joblib")
 _UNPICKLE_MESSAGE = (
@@ -177,7 +177,7 @@ def _corrupt(path: Path, why: str) -> CheckpointError:
 
 def _safetensors_extent(path: Path, f, size: int) -> int:
     """The bytes the file's header declares (header and data), checked against the file's size and
-    :func:`~eclsnn.io.limits.max_load_bytes` before the data is read."""
+    :func:`~eclsnn.limits.max_load_bytes` before the data is read."""
     head = f.read(8)
     if len(head) < 8:
         raise _corrupt(path, f"{size} bytes, shorter than a header")

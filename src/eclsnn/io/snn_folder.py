@@ -93,6 +93,15 @@ def _check_spec(spec: Any, path: Path) -> None:
     if not isinstance(spec.get("convert"), dict):
         raise CheckpointError(f"{path}: field 'convert' must be a JSON object of conversion settings, got "
                               f"{spec.get('convert')!r}{again}")
+    for key, value in spec["convert"].items():  # their values are checked by convert; their types here
+        kind = _CONVERT_TYPES.get(key)
+        if kind is not None and not (isinstance(value, kind) and not isinstance(value, bool)):
+            expected = "a string" if kind is str else "a number"
+            raise CheckpointError(f"{path}: field 'convert.{key}' must be {expected}, got {value!r}{again}")
+
+
+_CONVERT_TYPES = {"neuron": str, "maxpool": str, "threshold_rule": str,
+                  "v_init": (int, float), "theta_neg": (int, float), "percentile": (int, float)}
 
 
 def _check_thetas(thetas: dict[str, torch.Tensor], path: Path) -> None:
