@@ -90,7 +90,7 @@ def find_decoder() -> Callable[[Path], torch.Tensor]:
         # operators: either way Pillow decodes instead.
         if getattr(torchvision.io.image, "_has_image_ops", lambda: True)():
             return _decode_torchvision
-    except Exception:  # noqa: BLE001
+    except ImportError:
         pass
     except Exception as err:  # noqa: BLE001 - whatever a broken build raises, Pillow can still decode
         if "torchvision" not in _BROKEN_IMPORTS:
