@@ -124,10 +124,13 @@ def spike_check(snn, x: torch.Tensor, T: int) -> dict:
         cur = torch.cat([c for c, _ in parts], 1)
         out_ref = torch.cat([o for _, o in parts], 1)
         out_dev = torch.cat([o for _, o in dev_seen[name]], 1)
-        spikes_ref = torch.sign(out_ref).sum(0)
-        spikes_dev = torch.sign(out_dev).sum(0)
-        bad = spikes_ref != spikes_dev
-        entry = {"layer": name, "neurons": int(bad.numel()), "mismatches": int(bad.sum())}
+        # a neuron mismatches when its spike train differs at any step: equal counts at other times already
+        # change the next layer's currents by more than rounding, so comparing counts alone would name a
+        # later layer, far from its thresholds, as the first
+        bad = (torch.sign(out_ref) != torch.sign(out_dev)).any(0)
+        count_bad = torch.sign(out_ref).sum(0) != torch.sign(out_dev).sum(0)
+        entry = {"layer": name, "neurons": int(bad.numel()), "mismatches": int(bad.sum()),
+                 "count_mismatches": int(count_bad.sum())}
         if bad.any():
             dist = _distance_to_threshold(neurons[name], cur, out_ref)[bad]
             entry.update(max_distance_to_threshold=float(dist.max()), median_distance_to_threshold=float(dist.median()))
