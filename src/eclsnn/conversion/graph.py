@@ -242,14 +242,18 @@ def _node_text(node: fx.Node) -> str:
     return f"{node.name} = {target}(...)"
 
 
+def _reads_shape(node: fx.Node) -> bool:
+    """``x.size()``, ``x.dim()``, ``x.shape`` or ``x.ndim``: a node that reads a tensor's shape."""
+    return ((node.op == "call_method" and node.target in ("size", "dim"))
+            or (node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "ndim")))
+
+
 def _depends_on_shapes_only(node) -> bool:
     """Whether ``node``'s value is computed from shapes (``x.shape``, ``x.size()``, ``x.dim()``) and constants
     only, never from tensor values."""
     if not isinstance(node, fx.Node):
         return True
-    if node.op == "call_method" and node.target in ("size", "dim"):
-        return True
-    if node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "ndim"):
+    if _reads_shape(node):
         return True
     if node.op in ("placeholder", "get_attr", "call_module"):
         return False
@@ -313,9 +317,7 @@ def _is_shape_value(arg) -> bool:
     """True for nodes that produce shapes/ints rather than activations (``x.size()``, ``x.shape``)."""
     if not isinstance(arg, fx.Node):
         return True
-    if arg.op == "call_method" and arg.target in ("size", "dim"):
-        return True
-    if arg.op == "call_function" and arg.target is getattr and arg.args[1] in ("shape", "ndim"):
+    if _reads_shape(arg):
         return True
     if arg.op == "call_function" and arg.target is operator.getitem:
         return _is_shape_value(arg.args[0])
