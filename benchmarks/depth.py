@@ -31,6 +31,7 @@ from common import RUNS as RUNS_DIR  # noqa: E402
 from eclsnn import convert  # noqa: E402
 from eclsnn.config import config_from_dict  # noqa: E402
 from eclsnn.io.snn_folder import load_ann  # noqa: E402
+from eclsnn.models.external import is_external  # noqa: E402
 from eclsnn.recipes import runs  # noqa: E402
 from eclsnn.recipes.analysis import analyze_checkpoint  # noqa: E402
 from eclsnn.recipes.common import calibration_batches, eval_loader, evaluate_variants, load_split, write_json  # noqa: E402
@@ -55,19 +56,29 @@ class Spec:
 
     @property
     def tag(self) -> str:
-        return self.arch + (f"-{self.variant}" if self.variant else "")
+        return self.arch.replace(":", "-") + (f"-{self.variant}" if self.variant else "")
 
     @property
     def name(self) -> str:
         return runs.run_name(self.activation, self.levels, self.seed, self.epochs) + f"-{self.tag}"
 
     def ensure(self) -> Path:
+        if is_external(self.arch):
+            _vision_libs()
         return runs.ensure_run(RUNS_DIR, self.activation, self.levels, self.seed, self.epochs,
                                overrides={"model.arch": self.arch, **self.overrides},
                                config_path=CONFIGS / self.config, tag=self.tag)
 
 
 E = 10  # the budget of configs/fmnist-resnet20.toml
+
+
+def _vision_libs() -> None:
+    """torchvision's model code, also where its wheel was built for another torch (tests/vision_libs.py)."""
+    sys.path.insert(0, str(ROOT.parent / "tests"))
+    import vision_libs
+
+    vision_libs.import_vision_libs()
 
 BASE = "fmnist-clip-L4-e10-s0-resnet20"  # the network the fine-tuning variants start from
 BASE_L2 = "fmnist-clip-L2-e10-s0-resnet20"
@@ -81,6 +92,28 @@ def _snn_finetune(init: str, levels: int, epochs: int, lr: float) -> Spec:
                            "train.snn_time_steps": 2, "train.lr": lr})
 
 
+R18 = "torchvision:resnet18"
+R18_CONFIG = "fmnist-resnet18.toml"
+R18_EPOCHS = 8  # the ReLU network's budget; the fine-tune gets a quarter of it
+R18_RELU = runs.run_name("relu", None, 0, R18_EPOCHS) + "-torchvision-resnet18"
+
+
+def _r18_finetune(lr: float) -> Spec:
+    """The pretrained path: the ReLU resnet18 fine-tuned with the threshold clip for a quarter of its epochs."""
+    return Spec(R18, "clip", 4, 0, R18_EPOCHS // 4, config=R18_CONFIG, variant=f"ft-lr{lr:g}",
+                overrides={"train.init_from": str(RUNS_DIR / R18_RELU), "train.lr": lr})
+
+
+#: The pretrained path (configs/fmnist-resnet18.toml): the ReLU network (standing in for a downloaded one),
+#: its clip fine-tunes (the learning rate chosen on the validation split) and the clip network trained from
+#: scratch with the same total budget.
+PRETRAINED: list[Spec] = [
+    Spec(R18, "relu", None, 0, R18_EPOCHS, config=R18_CONFIG),
+    _r18_finetune(0.01),
+    _r18_finetune(0.001),
+    Spec(R18, "clip", 4, 0, R18_EPOCHS + R18_EPOCHS // 4, config=R18_CONFIG),
+]
+
 #: In order of priority: resnet20 seed 0, its ReLU twin (for SpikingJelly and the gap to the ReLU
 #: ANN), L = 2, seeds 1 and 2, fine-tuning with the SNN in the loop (measured on the validation split),
 #: the budget check at 2E, the 4-layer CNN and the resnet family.
@@ -88,8 +121,11 @@ RUNS: list[Spec] = [
     Spec("resnet20", "clip", 4, 0, E),
     Spec("resnet20", "relu", None, 0, E),
     Spec("resnet20", "clip", 2, 0, E),
+    *PRETRAINED,
     Spec("resnet20", "clip", 4, 1, E),
     Spec("resnet20", "relu", None, 1, E),
+    Spec("vgg16", "relu", None, 0, E, overrides={"model.width": 0.25}, variant="w0.25"),
+    Spec("vgg16", "clip", 4, 0, E, overrides={"model.width": 0.25}, variant="w0.25"),
     Spec("resnet20", "clip", 4, 2, E),
     Spec("resnet20", "relu", None, 2, E),
     _snn_finetune(BASE, 4, 2, 0.01),
@@ -147,16 +183,25 @@ def _sj_select(model, calib, val, log) -> tuple[str, dict]:
     return best, scores
 
 
-def _sj_test(model, calib, setting: str, test) -> dict[str, float]:
+def _sj_test(model, calib, setting: str, test, steps: int) -> dict[str, float]:
     import accuracy_vs_peers as peers
 
     s = peers.SJ_VARIANTS[setting]
     net = peers.sj_convert(model, calib, s["channel_wise"], s["half"])
-    correct, total = torch.zeros(T_MAX, dtype=torch.long), 0
+    correct, total = torch.zeros(steps, dtype=torch.long), 0
     for x, y in test:
-        correct += (peers.sj_run(net, x, T_MAX).argmax(-1) == y).sum(1)
+        correct += (peers.sj_run(net, x, steps).argmax(-1) == y).sum(1)
         total += y.shape[0]
-    return {str(t + 1): correct[t].item() / total for t in range(T_MAX)}
+    return {str(t + 1): correct[t].item() / total for t in range(steps)}
+
+
+def _sj_setting_file(spec: Spec) -> Path:
+    """SpikingJelly's setting is chosen once per network family (on its seed-0 ReLU run)."""
+    return OUT / ("sj_setting.json" if spec.arch == "resnet20" else f"sj_setting-{spec.tag}.json")
+
+
+#: SpikingJelly's T on the pretrained path (its training-free conversion up to T = 32); elsewhere T_MAX
+SJ_STEPS = {R18: 32}
 
 
 def evaluate(spec: Spec, max_samples: int | None, log) -> dict | None:
@@ -169,6 +214,8 @@ def evaluate(spec: Spec, max_samples: int | None, log) -> dict | None:
         log(f"[depth] {spec.name}: not trained yet")
         return None
     log(f"[depth] {spec.name}: evaluating")
+    if is_external(spec.arch):
+        _vision_libs()
     torch.manual_seed(0)
     model, ckpt = load_ann(run)
     cfg = config_from_dict(ckpt.meta["config"])
@@ -178,20 +225,21 @@ def evaluate(spec: Spec, max_samples: int | None, log) -> dict | None:
               "epochs": spec.epochs, "variant": spec.variant, "val_accuracy": _val_accuracy(run), "num_samples": sum(y.shape[0] for _, y in test)}
     c = cfg.convert
     if spec.activation == "clip":
-        main_variants = {"dual θ/2": convert(model, neuron="dual", v_init=0.5, theta_neg=c.theta_neg),
-                         "burst θ/2": convert(model, neuron="burst", v_init=0.5),
+        main_variants = {"dual θ/2": convert(model, neuron="dual", v_init=0.5, theta_neg=c.theta_neg, maxpool=c.maxpool),
+                         "burst θ/2": convert(model, neuron="burst", v_init=0.5, maxpool=c.maxpool),
                          "dual θ/2, burst after additions": burst_after_additions(
-                             convert(model, neuron="dual", v_init=0.5, theta_neg=c.theta_neg))}
-        ablation = {"IF v0": convert(model, neuron="if", v_init=0.0), "IF θ/2": convert(model, neuron="if", v_init=0.5)} \
-            if spec.levels == 4 else {}
+                             convert(model, neuron="dual", v_init=0.5, theta_neg=c.theta_neg, maxpool=c.maxpool))}
+        ablation = {"IF v0": convert(model, neuron="if", v_init=0.0, maxpool=c.maxpool),
+                    "IF θ/2": convert(model, neuron="if", v_init=0.5, maxpool=c.maxpool)} if spec.levels == 4 else {}
     else:  # thresholds from the validation split: the config's rule, and the 99.9th percentile beside it
         calib = calibration_batches(cfg.data, seed, 256, c.calibration_batches)
         main_variants = {
             f"dual θ/2 ({c.threshold_rule})": convert(model, calibration=calib, threshold_rule=c.threshold_rule,
-                                                      percentile=c.percentile),
-            "dual θ/2 (p99.9)": convert(model, calibration=calib, threshold_rule="percentile", percentile=99.9),
+                                                      percentile=c.percentile, maxpool=c.maxpool),
+            "dual θ/2 (p99.9)": convert(model, calibration=calib, threshold_rule="percentile", percentile=99.9,
+                                        maxpool=c.maxpool),
             "burst θ/2 (p99.9)": convert(model, neuron="burst", calibration=calib, threshold_rule="percentile",
-                                         percentile=99.9),
+                                         percentile=99.9, maxpool=c.maxpool),
         }
         ablation = {}
     acc = evaluate_variants(model, test, T_MAX, main_variants)
@@ -204,11 +252,13 @@ def evaluate(spec: Spec, max_samples: int | None, log) -> dict | None:
 
         if peers.spikingjelly_version():
             val = list(eval_loader(*load_split(cfg.data, "val", seed, SJ_SELECT_SAMPLES), 256))
-            if seed == 0 or not (OUT / "sj_setting.json").is_file():
+            setting = _sj_setting_file(spec)
+            if seed == 0 or not setting.is_file():
                 best, scores = _sj_select(model, calib, val, log)
-                write_json(OUT / "sj_setting.json", {"chosen_on": spec.name, "setting": best, "validation": scores})
-            best = json.loads((OUT / "sj_setting.json").read_text())["setting"]
-            result["snn_accuracy"][f"SpikingJelly {best}"] = _sj_test(model, calib, best, test)
+                write_json(setting, {"chosen_on": spec.name, "setting": best, "validation": scores})
+            best = json.loads(setting.read_text())["setting"]
+            result["snn_accuracy"][f"SpikingJelly {best}"] = _sj_test(model, calib, best, test,
+                                                                      SJ_STEPS.get(spec.arch, T_MAX))
             result["spikingjelly"] = peers.spikingjelly_version()
     OUT.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
@@ -275,14 +325,17 @@ def validate(spec: Spec, log) -> dict | None:
     if spec.activation != "clip" or not runs.is_finished(run):
         return None
     log(f"[depth] {spec.name}: validation split")
+    if is_external(spec.arch):
+        _vision_libs()
     torch.manual_seed(0)
     model, ckpt = load_ann(run)
     cfg = config_from_dict(ckpt.meta["config"])
     val = list(eval_loader(*load_split(cfg.data, "val", cfg.train.seed), 256))
+    mp = cfg.convert.maxpool
     acc = evaluate_variants(model, val, T_VAL, {
-        "dual θ/2": convert(model, neuron="dual", v_init=0.5, theta_neg=cfg.convert.theta_neg),
-        "burst θ/2": convert(model, neuron="burst", v_init=0.5),
-        "dual θ/2, burst after additions": burst_after_additions(convert(model, neuron="dual", v_init=0.5))})
+        "dual θ/2": convert(model, neuron="dual", v_init=0.5, theta_neg=cfg.convert.theta_neg, maxpool=mp),
+        "burst θ/2": convert(model, neuron="burst", v_init=0.5, maxpool=mp),
+        "dual θ/2, burst after additions": burst_after_additions(convert(model, neuron="dual", v_init=0.5, maxpool=mp))})
     result = {"run": spec.name, "arch": spec.arch, "levels": spec.levels, "seed": cfg.train.seed, "epochs": spec.epochs,
               "variant": spec.variant, "ann_accuracy": acc["ann_accuracy"], "snn_accuracy": acc["snn_accuracy"],
               "num_samples": sum(y.shape[0] for _, y in val), "run_val_accuracy": _val_accuracy(run)[-1]}
@@ -308,6 +361,45 @@ def render_validation() -> list[str]:
                          + " | ".join(f"{100 * snn[str(t)]:.2f}" for t in range(1, T_VAL + 1))
                          + f" | {100 * (r['ann_accuracy'] - snn['2']):.2f} | {100 * (r['ann_accuracy'] - snn['4']):.2f} |")
     return lines
+
+
+def render_pretrained() -> list[str]:
+    """The pretrained path: ReLU resnet18 → clip fine-tune → SNN, against SpikingJelly on the ReLU network
+    and the clip network trained from scratch with the same total budget."""
+    results = {r["run"]: r for r in (json.loads(p.read_text()) for p in sorted(OUT.glob("fmnist-*torchvision-resnet18*.json")))}
+    relu = results.get(R18_RELU)
+    if relu is None:
+        return []
+    chosen = _r18_chosen_finetune()
+    steps = [1, 2, 4, 8, 16, 32]
+    lines = ["", "## The pretrained path: torchvision's resnet18", "",
+             f"Config: configs/fmnist-resnet18.toml. The ReLU network ({R18_EPOCHS} epochs) stands in for a downloaded "
+             f"one; the fine-tune is {R18_EPOCHS // 4} epochs with the threshold clip from it (train.init_from), its "
+             "learning rate chosen on the validation split (dual θ/2 at T = 4, `benchmarks/depth.py validate`)"
+             + (f": {chosen}" if chosen else "") + "; the clip network from scratch has the same total budget "
+             f"({R18_EPOCHS + R18_EPOCHS // 4} epochs). Test accuracy in %.", "",
+             "| network | ANN | SNN | " + " | ".join(f"T={t}" for t in steps) + " | ReLU ANN − SNN at T=4 |",
+             "|---|---|---|" + "---|" * (len(steps) + 1)]
+    for run, r in results.items():
+        name = ("ReLU" if r["activation"] == "relu" else "clip from scratch" if not r.get("variant")
+                else f"clip fine-tune ({r['variant']})" + (", chosen" if run == chosen else ""))
+        for variant, snn in r["snn_accuracy"].items():
+            if variant.startswith(("burst", "IF", "dual θ/2, burst")):
+                continue
+            cells = [f"{100 * snn[str(t)]:.2f}" if str(t) in snn else "" for t in steps]
+            gap = f"{100 * (relu['ann_accuracy'] - snn['4']):.2f}" if "4" in snn else ""
+            lines.append(f"| {name} | {100 * r['ann_accuracy']:.2f} | {variant} | " + " | ".join(cells) + f" | {gap} |")
+    return lines
+
+
+def _r18_chosen_finetune() -> str | None:
+    """The fine-tune whose SNN (dual θ/2, T = 4) is the most accurate on the validation split."""
+    scores = {}
+    for spec in PRETRAINED:
+        f = VAL / f"{spec.name}.json"
+        if spec.variant and f.is_file():
+            scores[spec.name] = json.loads(f.read_text())["snn_accuracy"]["dual θ/2"]["4"]
+    return max(scores, key=scores.get) if scores else None
 
 
 def _mean_std(values: list[float]) -> str:
@@ -351,11 +443,11 @@ def render() -> str:
         for r in sorted(conv, key=lambda r: r["epochs"]):
             lines.append(f"- {r['arch']}, {r['epochs']} epochs: {100 * r['val_accuracy'][-1]:.2f} "
                          f"(best {100 * max(r['val_accuracy']):.2f})")
-    sj = OUT / "sj_setting.json"
-    if sj.is_file():
+    for sj in sorted(OUT.glob("sj_setting*.json")):
         s = json.loads(sj.read_text())
         lines += ["", f"SpikingJelly's setting, chosen on ≤ {SJ_SELECT_SAMPLES} validation images of {s['chosen_on']} at "
                   f"T = {T_MAX}: {s['setting']} (" + ", ".join(f"{k}: {100 * v:.2f}" for k, v in s["validation"].items()) + ")."]
+    lines += render_pretrained()
     lines += render_validation()
     for path in sorted(OUT.glob("*-analysis-T*/analysis.md")):
         lines += ["", f"## `eclsnn analyze`: {path.parent.name} (512 validation images)", "", path.read_text()]
