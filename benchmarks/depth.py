@@ -107,10 +107,10 @@ def _r18_finetune(lr: float) -> Spec:
 #: The pretrained path (configs/fmnist-resnet18.toml): the ReLU network (standing in for a downloaded one),
 #: its clip fine-tunes (the learning rate chosen on the validation split) and the clip network trained from
 #: scratch with the same total budget.
+FINETUNES: list[Spec] = [_r18_finetune(0.01), _r18_finetune(0.001)]
 PRETRAINED: list[Spec] = [
     Spec(R18, "relu", None, 0, R18_EPOCHS, config=R18_CONFIG),
-    _r18_finetune(0.01),
-    _r18_finetune(0.001),
+    *FINETUNES,
     Spec(R18, "clip", 4, 0, R18_EPOCHS + R18_EPOCHS // 4, config=R18_CONFIG),
 ]
 
@@ -212,6 +212,10 @@ def evaluate(spec: Spec, max_samples: int | None, log) -> dict | None:
     run = RUNS_DIR / spec.name
     if not runs.is_finished(run):
         log(f"[depth] {spec.name}: not trained yet")
+        return None
+    if spec in FINETUNES and _r18_chosen_finetune() != spec.name:  # the test set sees the chosen one only
+        log(f"[depth] {spec.name}: not evaluated (the fine-tune chosen on the validation split: "
+            f"{_r18_chosen_finetune() or 'none yet, validate them first'})")
         return None
     log(f"[depth] {spec.name}: evaluating")
     if is_external(spec.arch):
@@ -393,13 +397,15 @@ def render_pretrained() -> list[str]:
 
 
 def _r18_chosen_finetune() -> str | None:
-    """The fine-tune whose SNN (dual θ/2, T = 4) is the most accurate on the validation split."""
+    """The fine-tune whose SNN (dual θ/2, T = 4) is the most accurate on the validation split (None until
+    every fine-tune is validated)."""
     scores = {}
-    for spec in PRETRAINED:
+    for spec in FINETUNES:
         f = VAL / f"{spec.name}.json"
-        if spec.variant and f.is_file():
-            scores[spec.name] = json.loads(f.read_text())["snn_accuracy"]["dual θ/2"]["4"]
-    return max(scores, key=scores.get) if scores else None
+        if not f.is_file():
+            return None
+        scores[spec.name] = json.loads(f.read_text())["snn_accuracy"]["dual θ/2"]["4"]
+    return max(scores, key=scores.get)
 
 
 def _mean_std(values: list[float]) -> str:
