@@ -217,6 +217,17 @@ def test_a_lambda_at_or_below_the_training_floor_warns(ckpt, value):
     assert model.features[6].threshold.item() == pytest.approx(1e-3)
 
 
+def test_per_channel_lambdas_at_the_floor_are_counted_not_blamed_on_the_layer(tmp_path):
+    from eclsnn.io.checkpoint import _check_thresholds
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), eclsnn.ThresholdClip(levels=4, per_channel=True, num_channels=4))
+    with torch.no_grad():
+        model[1].threshold_raw.copy_(torch.tensor([2.0, 1e-3, 3.0, 0.0]).view_as(model[1].threshold_raw))
+    with pytest.warns(UserWarning, match=r"of 2 of the 4 channels of '1'.*those channels pass") as record:
+        _check_thresholds(model, tmp_path)
+    assert len(record) == 1
+
+
 def test_a_lambda_above_the_floor_does_not_warn(ckpt):
     with warnings.catch_warnings():
         warnings.simplefilter("error")

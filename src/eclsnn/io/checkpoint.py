@@ -487,9 +487,12 @@ def _check_thresholds(model: nn.Module, path: Path) -> None:
         floor = torch.tensor(LAMBDA_MIN, dtype=raw.dtype)
         low = raw <= floor
         if low.any():
-            warnings.warn(f"checkpoint {path}: the clip threshold λ of {name!r} is {_few_values(raw[low])}, at or "
-                          f"below the floor {LAMBDA_MIN} that the clip and its spiking neurons use instead; that "
-                          "layer passes almost nothing", ThresholdWarning, stacklevel=3)
+            where, what = (f"of {name!r}", "that layer passes") if raw.numel() == 1 or low.all() else (
+                f"of {int(low.sum())} of the {raw.numel()} channels of {name!r}",
+                "those channels pass (channels that never fired on the calibration data start there)")
+            warnings.warn(f"checkpoint {path}: the clip threshold λ {where} is {_few_values(raw[low])}, at or "
+                          f"below the floor {LAMBDA_MIN} that the clip and its spiking neurons use instead; "
+                          f"{what} almost nothing", ThresholdWarning, stacklevel=3)
 
 
 def _few_values(t: torch.Tensor) -> str:
