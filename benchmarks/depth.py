@@ -390,10 +390,11 @@ def render_pretrained() -> list[str]:
     steps = [1, 2, 4, 8, 16, 32]
     lines = ["", "## The pretrained path: torchvision's resnet18", "",
              f"Config: configs/fmnist-resnet18.toml. The ReLU network ({R18_EPOCHS} epochs) stands in for a downloaded "
-             f"one; the fine-tune is {R18_EPOCHS // 4} epochs with the threshold clip from it (train.init_from), its "
-             "learning rate chosen on the validation split (dual θ/2 at T = 4, `benchmarks/depth.py validate`)"
-             + (f": {chosen}" if chosen else "") + "; the clip network from scratch has the same total budget "
-             f"({R18_EPOCHS + R18_EPOCHS // 4} epochs). Test accuracy in %.", "",
+             f"one; the fine-tune is {R18_EPOCHS // 4} epochs with the threshold clip from it (train.init_from). Its "
+             "settings were chosen on the validation split (dual θ/2 at T = 4, `benchmarks/depth.py validate`) among "
+             "the fine-tunes of `FINETUNES`, tried in that order" + (f": {chosen}" if chosen else "") + ". A fine-tune "
+             "listed here but not chosen was the choice among those tried before it, evaluated then. The clip network "
+             f"from scratch has the same total budget ({R18_EPOCHS + R18_EPOCHS // 4} epochs). Test accuracy in %.", "",
              "| network | ANN | SNN | " + " | ".join(f"T={t}" for t in steps) + " | ReLU ANN − SNN at T=4 |",
              "|---|---|---|" + "---|" * (len(steps) + 1)]
     for run, r in results.items():
