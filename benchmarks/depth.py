@@ -379,6 +379,44 @@ def render_validation() -> list[str]:
     return lines
 
 
+PREPARE_SAMPLES = 2000
+PREPARE_SETTINGS = [(4, 99.9, False), (4, 99.0, False), (4, 99.99, False), (4, 99.9, True), (4, 99.0, True),
+                    (8, 99.9, False), (64, 99.9, False)]
+
+
+def prepare_loss(log) -> dict | None:
+    """What the threshold clip costs the pretrained ReLU network before any fine-tuning: validation accuracy
+    (first 2,000 images) of ``eclsnn.prepare`` at L levels, λ from a percentile per layer or per channel (of
+    8 batches of validation images) — the evidence behind the fine-tunes tried (results/depth/r18-prepare.json)."""
+    out = OUT / "r18-prepare.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    run = RUNS_DIR / R18_RELU
+    if not runs.is_finished(run):
+        return None
+    from eclsnn import prepare
+
+    _vision_libs()
+    log(f"[depth] {R18_RELU}: the clip before fine-tuning")
+    model, ckpt = load_ann(run)
+    cfg = config_from_dict(ckpt.meta["config"])
+    val = list(eval_loader(*load_split(cfg.data, "val", cfg.train.seed, PREPARE_SAMPLES), 250))
+    calib = calibration_batches(cfg.data, cfg.train.seed, cfg.train.batch_size, cfg.train.init_calibration_batches)
+
+    @torch.no_grad()
+    def accuracy(m) -> float:
+        m.eval()
+        return sum((m(x).argmax(-1) == y).sum().item() for x, y in val) / sum(y.shape[0] for _, y in val)
+
+    result = {"run": R18_RELU, "num_samples": sum(y.shape[0] for _, y in val), "relu": accuracy(model), "prepared": [
+        {"levels": L, "percentile": p, "per_channel": pc,
+         "accuracy": accuracy(prepare(model, levels=L, calibration=calib, percentile=p, per_channel=pc))}
+        for L, p, pc in PREPARE_SETTINGS]}
+    OUT.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    return result
+
+
 def render_pretrained() -> list[str]:
     """The pretrained path: ReLU resnet18 → clip fine-tune → SNN, against SpikingJelly on the ReLU network
     and the clip network trained from scratch with the same total budget."""
@@ -406,6 +444,13 @@ def render_pretrained() -> list[str]:
             cells = [f"{100 * snn[str(t)]:.2f}" if str(t) in snn else "" for t in steps]
             gap = f"{100 * (relu['ann_accuracy'] - snn['4']):.2f}" if "4" in snn else ""
             lines.append(f"| {name} | {100 * r['ann_accuracy']:.2f} | {variant} | " + " | ".join(cells) + f" | {gap} |")
+    prep = OUT / "r18-prepare.json"
+    if prep.is_file():
+        p = json.loads(prep.read_text())
+        lines += ["", f"Before any fine-tuning (`python benchmarks/depth.py prepare-loss`; validation, first "
+                  f"{p['num_samples']} images): the ReLU network {100 * p['relu']:.2f} %; after `eclsnn.prepare`: "
+                  + "; ".join(f"L = {q['levels']}, {'per channel' if q['per_channel'] else 'per layer'} p{q['percentile']:g}: "
+                              f"{100 * q['accuracy']:.2f}" for q in p["prepared"]) + "."]
     return lines
 
 
@@ -528,7 +573,7 @@ def plot(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["all", "train", "validate", "evaluate", "render", "list"],
+    p.add_argument("phase", choices=["all", "train", "validate", "evaluate", "render", "list", "prepare-loss"],
                    help="all: train, validate and evaluate each run in turn (results are written as runs finish)")
     p.add_argument("--only", nargs="*", help="run names (see `list`)")
     p.add_argument("--max-samples", type=int, help="seeded test subset (default: the whole test set)")
@@ -549,6 +594,8 @@ def main(argv: list[str] | None = None) -> None:
             evaluate(spec, a.max_samples, log)
             if spec.arch == "resnet20" and spec.activation == "clip" and spec.seed == 0 and spec.epochs == E:
                 analysis(spec, log)
+    elif a.phase == "prepare-loss":
+        prepare_loss(lambda m: print(m, flush=True))
     elif a.phase == "validate":
         for spec in RUNS:
             if not a.only or spec.name in a.only:
@@ -559,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
                 evaluate(spec, a.max_samples, lambda m: print(m, flush=True))
                 if spec.arch == "resnet20" and spec.activation == "clip" and spec.seed == 0 and spec.epochs == E:
                     analysis(spec, lambda m: print(m, flush=True))
-    if a.phase in ("all", "validate", "evaluate", "render"):
+    if a.phase in ("all", "validate", "evaluate", "render", "prepare-loss"):
         md = render()
         (RESULTS / "depth.md").write_text(md)
         write_json(RESULTS / "depth.json", [json.loads(p.read_text()) for p in sorted(OUT.glob("fmnist-*.json"))])
