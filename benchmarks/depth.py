@@ -178,16 +178,38 @@ def _val_accuracy(run: Path) -> list[float]:
     return [r["val_acc"] for r in rows if "val_acc" in r]
 
 
+def _sj_ready(model, calib):
+    """``model`` and its calibration batches as SpikingJelly's converter takes them. It refuses a
+    ``ZeroPad2d`` (the ``pad28`` stem of the zoo's VGG-16 on 28×28 images); a pad applied to the input first
+    is the same network, so the pad node is cut out of the traced graph and applied to every batch (the
+    returned function) instead."""
+    gm = torch.fx.symbolic_trace(model)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.ZeroPad2d) \
+                and node.args[0].op == "placeholder":
+            padding = gm.get_submodule(node.target).padding
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            gm.recompile()
+
+            def pad(x, padding=padding):
+                return torch.nn.functional.pad(x, padding)
+
+            return gm, [pad(x) for x in calib], pad
+    return model, calib, lambda x: x
+
+
 def _sj_select(model, calib, val, log) -> tuple[str, dict]:
     """SpikingJelly's best documented setting on the validation split (accuracy at T = 16)."""
     import accuracy_vs_peers as peers
 
+    model, calib, pad = _sj_ready(model, calib)
     scores = {}
     for name, s in peers.SJ_VARIANTS.items():
         net = peers.sj_convert(model, calib, s["channel_wise"], s["half"])
         correct = total = 0
         for x, y in val:
-            correct += (peers.sj_run(net, x, T_MAX)[-1].argmax(-1) == y).sum().item()
+            correct += (peers.sj_run(net, pad(x), T_MAX)[-1].argmax(-1) == y).sum().item()
             total += y.shape[0]
         scores[name] = correct / total
         log(f"  SpikingJelly {name}: validation {100 * scores[name]:.2f} % at T = {T_MAX}")
@@ -199,10 +221,11 @@ def _sj_test(model, calib, setting: str, test, steps: int) -> dict[str, float]:
     import accuracy_vs_peers as peers
 
     s = peers.SJ_VARIANTS[setting]
+    model, calib, pad = _sj_ready(model, calib)
     net = peers.sj_convert(model, calib, s["channel_wise"], s["half"])
     correct, total = torch.zeros(steps, dtype=torch.long), 0
     for x, y in test:
-        correct += (peers.sj_run(net, x, steps).argmax(-1) == y).sum(1)
+        correct += (peers.sj_run(net, pad(x), steps).argmax(-1) == y).sum(1)
         total += y.shape[0]
     return {str(t + 1): correct[t].item() / total for t in range(steps)}
 

@@ -68,3 +68,21 @@ def test_only_the_finetune_chosen_on_validation_meets_the_test_set(campaign, mon
         (depth.VAL / f"{spec.name}.json").write_text(json.dumps({"snn_accuracy": {"dual θ/2": {"4": acc}}}))
     assert depth._r18_chosen_finetune() == b.name
     assert depth.evaluate(a, 8, log.append) is None and f"chosen on the validation split: {b.name}" in log[-1]
+
+
+def test_the_pad_stem_moves_out_of_the_network_for_spikingjelly():
+    """SpikingJelly's converter refuses ZeroPad2d (VGG-16's pad28 stem): the pad is cut from the graph and
+    applied to the input, the same network; a network without one is passed through unchanged."""
+    import torch
+
+    from eclsnn.models import create
+
+    model = create("vgg16", num_classes=10, in_channels=1, activation="relu", width=0.125, stem="pad28").eval()
+    x = torch.randn(3, 1, 28, 28)
+    net, calib, pad = depth._sj_ready(model, [x])
+    assert not any(isinstance(m, torch.nn.ZeroPad2d) for m in net.modules())
+    assert calib[0].shape == (3, 1, 32, 32)
+    assert torch.equal(net(pad(x)), model(x))
+    plain = create("resnet8", num_classes=10, in_channels=1, activation="relu").eval()
+    same, calib, pad = depth._sj_ready(plain, [x])
+    assert same is plain and calib[0] is x and pad(x) is x
