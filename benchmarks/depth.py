@@ -190,6 +190,7 @@ def _sj_ready(model, calib):
             padding = gm.get_submodule(node.target).padding
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
+            gm.delete_all_unused_submodules()
             gm.recompile()
 
             def pad(x, padding=padding):
