@@ -141,31 +141,30 @@ def eclsnn_variant(snn, x, T, variant: str):
     - ``reference``: the PyTorch reference path (eager neuron loops), whole batch at once, first layer once;
     - ``kernels``: + the fused C neuron kernels;
     - ``fusion``: + each neuron layer fused with the average pooling after it;
+    - ``addition fusion``: + each residual addition formed inside the kernel of the neuron after it;
     - ``default``: + sub-batches of ``snn.max_rows`` rows (what ``eclsnn.simulate`` does);
     - ``default, first layer T times``: the default without the constant-first-layer trick (the input fed
       as a T-step sequence through ``snn(x_seq)``, sub-batched the same way).
     """
-    rows, fuse = snn.max_rows, snn.fuse_pooling
+    saved = snn.max_rows, snn.fuse_pooling, snn.fuse_additions
     try:
-        if variant == "reference":
-            snn.max_rows, snn.fuse_pooling = None, False
-            with eclsnn.core.backends.cpu.reference_only():
-                return snn.run(x, T)
-        if variant == "kernels":
-            snn.max_rows, snn.fuse_pooling = None, False
-            return snn.run(x, T)
-        if variant == "fusion":
+        if variant in ("reference", "kernels", "fusion", "addition fusion"):
             snn.max_rows = None
+            snn.fuse_pooling = variant in ("fusion", "addition fusion")
+            snn.fuse_additions = variant == "addition fusion"
+            if variant == "reference":
+                with eclsnn.core.backends.cpu.reference_only():
+                    return snn.run(x, T)
             return snn.run(x, T)
         if variant == "default, first layer T times":
-            chunk = max(1, (rows or x.shape[0] * T) // T)
+            chunk = max(1, (snn.max_rows or x.shape[0] * T) // T)
             return torch.cat([snn(xb.unsqueeze(0).expand(T, *xb.shape)) for xb in x.split(chunk)], 1)
         return snn.run(x, T)
     finally:
-        snn.max_rows, snn.fuse_pooling = rows, fuse
+        snn.max_rows, snn.fuse_pooling, snn.fuse_additions = saved
 
 
-ECL_VARIANTS = ("reference", "kernels", "fusion", "default, first layer T times", "default")
+ECL_VARIANTS = ("reference", "kernels", "fusion", "addition fusion", "default, first layer T times", "default")
 
 
 def make_calls(ann, ann_cl, snn, sj, x, steps, variants=("default",), variant_steps=(8,)):

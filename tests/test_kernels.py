@@ -106,6 +106,47 @@ def test_neuron_kernels_are_bit_identical_to_the_reference(dtype, shape, layout,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,layout", [((4, 8, 6, 6), "channels_last"), ((3, 5, 7), "contiguous"),
+                                          ((64, 32, 14, 14), "channels_last")])
+@pytest.mark.parametrize("kind", ["if", "dual"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_second_input_is_added_in_the_kernel_bit_identically(dtype, shape, layout, kind, per_channel, kernel_calls):
+    """multi_step_sum(x, a) — the residual addition formed inside the neuron kernel — equals adding
+    first and running the reference, for a time-varying and for a constant (stride-0) second input;
+    and carrying the state on from there matches too."""
+    T = 5
+    x, a = _seq(T, shape, dtype, layout), _seq(T, shape, dtype, layout, seed=3)
+    theta = torch.rand(shape[1], generator=torch.Generator().manual_seed(1)) + 0.4 if per_channel else torch.tensor(0.9)
+    n = _neuron(kind, theta, -0.25, v_init=0.3)
+    entry = "if_run" if kind == "if" else "dual_run"
+    for addend in (a, a[1].unsqueeze(0).expand(T, *a.shape[1:])):
+        ref, ref_v, ref_c = _reference(n, x + addend)
+        out = n.multi_step_sum(x, addend)
+        assert out is not None and torch.equal(out, ref) and torch.equal(n.v, ref_v)
+        if kind == "dual":
+            assert torch.equal(n.count, ref_c)
+        assert (out != 0).any()
+        with kernels.reference_only():  # continue from here: the reference carries its own copy of the state
+            ref_n = _neuron(kind, theta, -0.25, v_init=0.3)
+            ref_n.load_state({k: v.clone() for k, v in n.state().items()})
+            ref2 = ref_n.multi_step(x + addend, carry=True)
+        assert torch.equal(n.multi_step_sum(x, addend, carry=True), ref2) and torch.equal(n.v, ref_n.v)
+    assert kernel_calls == {entry: 4}
+
+
+def test_a_second_input_the_kernel_cannot_take_is_declined():
+    x = _seq(3, (2, 4, 5, 5), torch.float32, "channels_last")
+    n = _neuron("dual", 1.0)
+    assert n.multi_step_sum(x, x[:, :, :1]) is None  # broadcast: the caller adds
+    assert n.multi_step_sum(x, x.double()) is None  # dtype
+    assert n.multi_step_sum(x, x.contiguous()) is None  # another layout per step
+    assert n.multi_step_sum(x, x) is not None
+    from eclsnn.core.neurons import BurstNeuron
+
+    assert BurstNeuron(1.0).multi_step_sum(x, x) is None  # no kernel for the burst neuron
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["if", "dual"])
 @pytest.mark.parametrize("shape", [(4, 8, 6, 6), (64, 32, 28, 28)])
 @pytest.mark.parametrize("k", [2, 3])
@@ -372,6 +413,59 @@ def test_fusion_and_sub_batching_change_nothing_in_float32(kernel_calls):
         ref = snn.run(x, 6)
     assert not kernel_calls
     assert torch.equal(fast, unfused) and torch.equal(fast, ref)
+
+
+class AddNet(nn.Module):
+    """Three kinds of addition before a neuron: a residual sum nothing else uses (formed in the kernel),
+    a sum also used elsewhere (stored), and one with a broadcast operand (stored: the kernel declines)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.a1 = nn.Conv2d(2, 6, 3, padding=1), ThresholdClip(4, 1.0)
+        self.c2, self.a2 = nn.Conv2d(6, 6, 3, padding=1), ThresholdClip(4, 1.1)
+        self.c3, self.a3 = nn.Conv2d(6, 6, 3, padding=1), ThresholdClip(4, 0.9)
+        self.c4, self.a4 = nn.Conv2d(6, 6, 1), ThresholdClip(4, 1.3)
+        self.register_buffer("shift", torch.linspace(-0.3, 0.3, 6).view(6, 1, 1))
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.a1(self.c1(x))
+        y = self.a2(self.c2(x) + x)  # residual: fused
+        s = self.c3(y) + y
+        z = self.a3(s) + self.c4(s)  # the sum has two users: stored
+        z = self.a4(z + self.shift)  # broadcast operand: stored
+        return self.fc(z.mean((2, 3)))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_residual_additions_are_formed_in_the_neuron_kernel_spike_for_spike(dtype, monkeypatch):
+    torch.manual_seed(0)
+    model = AddNet().eval().to(dtype)
+    x = torch.randn(12, 2, 8, 8, dtype=dtype) * 2
+    snn = eclsnn.convert(model, neuron="dual")
+    additions = snn.plan().additions
+    assert [str(n.target) for n in additions] == ["a2", "a4"]  # planned; a4's broadcast sum is declined at run time
+    seen = []
+    real = kernels.neuron_run
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("addend") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "neuron_run", spy)
+    snn.max_rows = 3 * 6  # 4 sub-batches of 3 samples
+    fast = snn.run(x, 6)
+    assert seen.count(True) == 4 and seen.count(False) == 3 * 4  # a2 took the sum's operands; a1, a3, a4 did not
+    with kernels.reference_only():
+        ref = snn.run(x, 6)
+    assert torch.equal(fast, ref)
+    # an observer sees every neuron's input, so nothing is fused while one is registered
+    inputs = {}
+    snn.add_observer(lambda name, node, inp, out: inputs.setdefault(name, inp.clone()))
+    seen.clear()
+    assert torch.equal(snn.run(x, 6), ref) and not any(seen)
+    assert set(inputs) == {"a1", "a2", "a3", "a4"}
 
 
 def test_fusion_is_planned_for_plain_average_pooling_only():

@@ -106,12 +106,41 @@ class SpikingNeuron(StatefulModule):
         y = x_seq[0]
         theta, neg = self.kernel_parameters(y)
         if backends.use_fused_cpu(backend, y, theta, autograd=_needs_autograd(x_seq)):
-            state = self.start_state(y, carry, dense=True)
-            out = kernels.neuron_run(x_seq, theta, state["v"], state.get("count"), neg)
+            state, v_start = self.kernel_state(y, carry)
+            out = kernels.neuron_run(x_seq, theta, state["v"], state.get("count"), neg, v_start=v_start)
         else:
             out, state = self._reference_steps(x_seq, theta, self.start_state(y, carry))
         self.load_state(state)
         return out
+
+    def multi_step_sum(self, x_seq: torch.Tensor, addend: torch.Tensor, carry: bool = False,
+                       backend: str | None = None) -> torch.Tensor | None:
+        """:meth:`multi_step` of ``x_seq + addend`` (both ``[T, B, ...]``), the sum formed inside the
+        fused kernel and never stored — the simulator runs a neuron after a residual addition so. None
+        when the kernel cannot take the pair (then the caller adds and calls :meth:`multi_step`);
+        the results are bit-identical either way."""
+        if not self.fused_kernel:
+            return None
+        y = x_seq[0]
+        theta, neg = self.kernel_parameters(y)
+        autograd = _needs_autograd(x_seq) or _needs_autograd(addend)
+        if not (backends.use_fused_cpu(backend, y, theta, autograd=autograd) and kernels.addable(x_seq, addend)):
+            return None
+        state, v_start = self.kernel_state(y, carry)
+        out = kernels.neuron_run(x_seq, theta, state["v"], state.get("count"), neg, addend=addend, v_start=v_start)
+        self.load_state(state)
+        return out
+
+    def kernel_state(self, y: torch.Tensor, carry: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The state tensors the fused kernels update in a run with steps like ``y``, and ``v``'s start
+        value for a fresh start (θ's shape), which the kernel writes itself (the tensors are then left
+        uninitialised); None when the run continues the current state (``carry``)."""
+        if carry and self.v is not None:
+            return self.start_state(y, carry=True, dense=True), None
+        state = {"v": torch.empty_like(y)}
+        if self._signed:
+            state["count"] = torch.empty_like(y)
+        return state, self.theta_like(y) * self.v_init
 
     def single_step(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         """One step ``x`` ``[B, ...]``; the state is kept until :meth:`reset`."""

@@ -15,6 +15,9 @@ through these four methods, never through the node's tensors:
 A stateful node also runs T steps at once, ``multi_step(x_seq, carry=False, backend=None)``
 (``x_seq`` ``[T, B, ...]``; ``carry`` continues from the current state instead of starting afresh;
 ``backend`` a name of :mod:`eclsnn.core.backends`) and one step, ``single_step(x, backend=None)``.
+Optionally, ``multi_step_sum(x_seq, addend, carry=False, backend=None)`` runs ``multi_step`` on
+``x_seq + addend`` without storing the sum, or returns None where it cannot (the simulator then adds
+first); its results must be identical to adding first.
 :attr:`~StatefulModule.emits_spikes` says whether its output is a spike train (``θ·s`` with
 ``s`` ∈ {−1, 0, 1}), which the operation counts of the analysis rely on.
 """

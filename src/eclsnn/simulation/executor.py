@@ -8,12 +8,15 @@ and fed to the first neurons as a constant current, instead of T times.
 The plan (:func:`make_plan`) holds the node order, where each value is last used (to free it early),
 and the fusions: a neuron layer whose only user is a k×k / stride-k average pooling runs together with
 it in one kernel call (:func:`fused_neuron_pool`), with the neuron's parameters and state taken through its
-state protocol. Observers (:meth:`eclsnn.simulation.SpikingNetwork.add_observer`) see every stateful
+state protocol; a neuron layer fed by an addition ``a + b`` that nothing else uses (a residual block's
+output) takes both operands and forms the sum in its kernel (``multi_step_sum`` of the node, where it
+has one), so the sum of T steps is never stored. Observers (:meth:`eclsnn.simulation.SpikingNetwork.add_observer`) see every stateful
 node's input and output; while any is registered, nothing is fused, so they see the spike maps.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -44,26 +47,46 @@ class Plan:
     last_use: dict[fx.Node, list[fx.Node]]
     #: neuron node → (its pooling node, k): run as one fused step
     fusions: dict[fx.Node, tuple[fx.Node, int]]
+    #: neuron node → the addition feeding it (its only user): the sum is formed in the neuron's kernel
+    additions: dict[fx.Node, fx.Node] = None  # type: ignore[assignment]
 
 
 def make_plan(gm: fx.GraphModule) -> Plan:
     nodes = list(gm.graph.nodes)
-    last_use: dict[fx.Node, list[fx.Node]] = {}
-    seen: set[fx.Node] = set()
-    for node in reversed(nodes):  # free each value after its last user has run
-        for inp in node.all_input_nodes:
-            if inp not in seen:
-                seen.add(inp)
-                last_use.setdefault(node, []).append(inp)
-    fusions = {}
+    fusions, additions = {}, {}
     for node in nodes:
-        if node.op == "call_module" and getattr(gm.get_submodule(node.target), "fused_kernel", False) \
-                and is_stateful(gm.get_submodule(node.target)) and len(node.users) == 1:
+        target = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not (is_stateful(target) and getattr(target, "fused_kernel", False)):
+            continue
+        if len(node.users) == 1:
             user = next(iter(node.users))
             k = _pool_kernel(user, gm)
             if k is not None and user.args and user.args[0] is node:
                 fusions[node] = (user, k)
-    return Plan(nodes, last_use, fusions)
+                continue
+        src = node.args[0] if node.args else None
+        if isinstance(src, fx.Node) and _is_addition(src) and len(src.users) == 1 and hasattr(target, "multi_step_sum"):
+            additions[node] = src
+    deferred = {add: neuron for neuron, add in additions.items()}
+    last_use: dict[fx.Node, list[fx.Node]] = {}
+    seen: set[fx.Node] = set()
+    for node in reversed(nodes):  # free each value after its last user has run
+        if node in deferred:
+            continue  # a deferred addition's operands are used by its neuron
+        inputs = node.all_input_nodes
+        if node in additions:
+            inputs = [*additions[node].all_input_nodes, *inputs]  # (the sum itself, if it had to be formed)
+        for inp in inputs:
+            if inp not in seen:
+                seen.add(inp)
+                last_use.setdefault(node, []).append(inp)
+    return Plan(nodes, last_use, fusions, additions)
+
+
+def _is_addition(node: fx.Node) -> bool:
+    """``a + b`` of two graph values, nothing else (no alpha, no scalars): what the kernels can add."""
+    return (node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2
+            and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args))
 
 
 def fused_neuron_pool(neuron, xs: torch.Tensor, k: int, carry: bool = False,
@@ -82,11 +105,13 @@ def fused_neuron_pool(neuron, xs: torch.Tensor, k: int, carry: bool = False,
 
 
 def execute(gm: fx.GraphModule, plan: Plan, x: torch.Tensor, T: int, input_kind: str, *, backend: str,
-            carry: bool = False, fuse: bool = True, observers: Iterable[Observer] = ()) -> torch.Tensor:
+            carry: bool = False, fuse: bool = True, fuse_additions: bool = True,
+            observers: Iterable[Observer] = ()) -> torch.Tensor:
     """Run the graph on ``x`` (``[B, ...]`` static, or ``[T·B, ...]`` a sequence) for T steps; returns the
     output ``[T·B, ...]``. ``backend`` is a resolved backend name; ``carry`` continues every stateful
-    node from its state."""
+    node from its state; ``fuse`` / ``fuse_additions``: the neuron+pooling / addition+neuron fusions."""
     observers = tuple(observers)
+    fuse_additions = fuse_additions and not observers
     fuse = fuse and not observers
     env: dict[fx.Node, object] = {}
     kind: dict[fx.Node, str] = {}
@@ -98,9 +123,53 @@ def execute(gm: fx.GraphModule, plan: Plan, x: torch.Tensor, T: int, input_kind:
             return value.unsqueeze(0).expand(T, *value.shape).flatten(0, 1)
         return value
 
+    def steps(node: fx.Node) -> torch.Tensor:
+        """A tensor value as T steps [T, B, ...] (a view)."""
+        value = env[node]
+        return value.view(T, -1, *value.shape[1:]) if kind[node] == SEQ else value.unsqueeze(0).expand(T, *value.shape)
+
+    def compute(node: fx.Node) -> None:
+        """A stateless node: on sequences if any input is one, else once (static or constant)."""
+        kinds = {kind[n] for n in node.all_input_nodes}
+        if SEQ in kinds or (STATIC in kinds and _is_shape_query(node)):
+            # Shapes of a static value are asked of its time-expanded form, so that code like
+            # x.view(x.size(0), -1) sizes sequences correctly.
+            load = as_seq if SEQ in kinds else (lambda n: _expanded_meta(env[n], T) if kind[n] == STATIC else env[n])
+            env[node], kind[node] = _call(node, gm, fx.node.map_arg(node.args, load), fx.node.map_arg(node.kwargs, load)), SEQ
+        else:
+            load = env.__getitem__
+            value = _call(node, gm, fx.node.map_arg(node.args, load), fx.node.map_arg(node.kwargs, load))
+            env[node], kind[node] = value, (STATIC if STATIC in kinds else CONST)
+
+    def run_stateful(node: fx.Node, target: nn.Module) -> None:
+        src = node.args[0]
+        addition = additions.get(node)
+        if addition is not None:  # the residual addition before the neuron: formed in its kernel if it can be
+            a, b = addition.args
+            if fuse_additions and torch.is_tensor(env[a]) and torch.is_tensor(env[b]):
+                out = target.multi_step_sum(steps(a), steps(b), carry=carry, backend=backend)
+                if out is not None:
+                    env[node], kind[node] = out.flatten(0, 1), SEQ
+                    return
+            compute(addition)
+        xs = steps(src)
+        if fuse and node in plan.fusions:
+            pool_node, k = plan.fusions[node]
+            pooled = fused_neuron_pool(target, xs, k, carry, backend)
+            if pooled is not None:
+                env[pool_node], kind[pool_node] = pooled.flatten(0, 1), SEQ
+                fused.add(pool_node)
+                return
+        out = target.multi_step(xs, carry=carry, backend=backend)
+        for observer in observers:
+            observer(node.target, target, xs, out)
+        env[node], kind[node] = out.flatten(0, 1), SEQ
+
+    additions = plan.additions or {}
+    deferred = set(additions.values())
     for node in plan.nodes:
-        if node in fused:
-            pass  # computed together with the neuron layer before it
+        if node in fused or node in deferred:
+            pass  # computed together with the neuron layer before it / the neuron layer after it
         elif node.op == "placeholder":
             env[node], kind[node] = x, input_kind
         elif node.op == "get_attr":
@@ -109,34 +178,11 @@ def execute(gm: fx.GraphModule, plan: Plan, x: torch.Tensor, T: int, input_kind:
             result = node.args[0]
             return as_seq(result) if kind[result] == STATIC else env[result]
         else:
-            inputs = node.all_input_nodes
-            kinds = {kind[n] for n in inputs}
             target = gm.get_submodule(node.target) if node.op == "call_module" else None
             if is_stateful(target):
-                src = node.args[0]
-                value = env[src]
-                xs = value.view(T, -1, *value.shape[1:]) if kind[src] == SEQ else value.unsqueeze(0).expand(T, *value.shape)
-                pooled = None
-                if fuse and node in plan.fusions:
-                    pool_node, k = plan.fusions[node]
-                    pooled = fused_neuron_pool(target, xs, k, carry, backend)
-                if pooled is not None:
-                    env[pool_node], kind[pool_node] = pooled.flatten(0, 1), SEQ
-                    fused.add(pool_node)
-                else:
-                    out = target.multi_step(xs, carry=carry, backend=backend)
-                    for observer in observers:
-                        observer(node.target, target, xs, out)
-                    env[node], kind[node] = out.flatten(0, 1), SEQ
-            elif SEQ in kinds or (STATIC in kinds and _is_shape_query(node)):
-                # Shapes of a static value are asked of its time-expanded form, so that code like
-                # x.view(x.size(0), -1) sizes sequences correctly.
-                load = as_seq if SEQ in kinds else (lambda n: _expanded_meta(env[n], T) if kind[n] == STATIC else env[n])
-                env[node], kind[node] = _call(node, gm, fx.node.map_arg(node.args, load), fx.node.map_arg(node.kwargs, load)), SEQ
+                run_stateful(node, target)
             else:
-                load = env.__getitem__
-                value = _call(node, gm, fx.node.map_arg(node.args, load), fx.node.map_arg(node.kwargs, load))
-                env[node], kind[node] = value, (STATIC if STATIC in kinds else CONST)
+                compute(node)
         for dead in plan.last_use.get(node, ()):
             env.pop(dead, None)
     raise SimulationError("the network graph has no output")

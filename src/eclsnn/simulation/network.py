@@ -61,6 +61,8 @@ class SpikingNetwork(nn.Module):
         self._backend: str | None = None
         #: fuse a neuron layer with the average pooling after it into one kernel (eclsnn.core.backends.cpu)
         self.fuse_pooling = True
+        #: form a residual addition inside the kernel of the neuron layer after it (the sum is not stored)
+        self.fuse_additions = True
         #: :meth:`run` simulates the batch in sub-batches of at most this many rows (steps × samples) at
         #: once, so that every layer's T-step tensor stays in cache (None: the whole batch at once).
         #: Chosen by ``benchmarks/speed.py --rows``; samples are independent, so the results are the same.
@@ -147,7 +149,8 @@ class SpikingNetwork(nn.Module):
     def _execute(self, x: torch.Tensor, T: int, input_kind: str, backend: str | None, carry: bool = False) -> torch.Tensor:
         name = resolve(backend if backend is not None else self._backend)
         return execute(self.graph_module, self.plan(), x, T, input_kind, backend=name, carry=carry,
-                       fuse=self.fuse_pooling, observers=self._observers.values())
+                       fuse=self.fuse_pooling, fuse_additions=self.fuse_additions,
+                       observers=self._observers.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.step_mode == "single":

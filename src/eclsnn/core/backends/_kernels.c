@@ -42,14 +42,17 @@ int eclsnn_openmp(void) { return 0; }
 #define T_ float
 #define SUF f32
 #define FLOOR floorf
+#define ITYPE int32_t
 #include __FILE__
 #undef T_
 #undef SUF
 #undef FLOOR
+#undef ITYPE
 
 #define T_ double
 #define SUF f64
 #define FLOOR floor
+#define ITYPE int64_t
 #include __FILE__
 
 #else  /* ---- body, once per type ---------------------------------------------------------------- */
@@ -59,7 +62,15 @@ static void FN(fill_theta)(T_ *th, const T_ *theta, int64_t C, int64_t inner, in
         for (int64_t j = 0; j < len; j++) th[j] = theta[0];
         return;
     }
-    for (int64_t j = 0; j < len; j++) th[j] = theta[((i0 + j) / inner) % C];
+    /* the channel of element i0 + j is ((i0 + j) / inner) % C: stepped along, not divided per element */
+    int64_t ch = (i0 / inner) % C, rem = i0 % inner;
+    for (int64_t j = 0; j < len; j++) {
+        th[j] = theta[ch];
+        if (++rem == inner) {
+            rem = 0;
+            if (++ch == C) ch = 0;
+        }
+    }
 }
 
 /* One step of one neuron; returns the output θ·s and updates the state in place. */
@@ -80,44 +91,148 @@ static inline T_ FN(dual_step)(T_ *v, T_ *c, T_ x, T_ th, T_ thn) {
     return o;
 }
 
-/* IF neuron, reset by subtraction:  m = v + x;  o = θ if m >= θ else 0;  v = m − o. */
-void FN(if_run)(const T_ *x, int64_t xs, T_ *out, int64_t os, T_ *v, int64_t T, int64_t n,
-                const T_ *theta, int64_t C, int64_t inner, int nthreads) {
+/* The neuron kernels hold the state of 2·VW neurons in vector registers while all T steps run over
+ * them (GCC/Clang vector extensions; without AVX the compiler splits each vector in two), so per step
+ * only the input is read and the output written; the few neurons of a block's tail that do not fill the
+ * vectors run element by element through if_step / dual_step. The vector step performs the scalar
+ * step's operations exactly (comparisons become lane masks, the selects bitwise ands and ors of
+ * exact values), so both give bit-identical results. */
+typedef T_ FN(vec) __attribute__((vector_size(32)));
+typedef ITYPE FN(ivec) __attribute__((vector_size(32)));
+#define VW ((int64_t)(32 / sizeof(T_)))
+#define VLOAD(dst, src) memcpy(&(dst), (src), sizeof(FN(vec)))
+#define VSTORE(dst, src) memcpy((dst), &(src), sizeof(FN(vec)))
+
+/* IF neuron, reset by subtraction:  m = v + x;  o = θ if m >= θ else 0;  v = m − o.
+ * x2 (or NULL): a second input current added to x first (the residual addition before the neuron),
+ * x2s its step stride (0: the same every step). v0 (or NULL): a fresh start with v = v0 (one value per
+ * channel, like θ) instead of continuing from v. */
+void FN(if_run)(const T_ *x, int64_t xs, const T_ *x2, int64_t x2s, T_ *out, int64_t os, T_ *v, int64_t T,
+                int64_t n, const T_ *theta, int64_t C, int64_t inner, const T_ *v0, int nthreads) {
+    typedef FN(vec) V;
+    typedef FN(ivec) IV;
     const int64_t nb = (n + BLOCK - 1) / BLOCK;
     PARALLEL_FOR
     for (int64_t bi = 0; bi < nb; bi++) {
-        T_ th[BLOCK];
+        T_ th[BLOCK], vi[BLOCK];
         const int64_t b0 = bi * BLOCK, len = n - b0 < BLOCK ? n - b0 : BLOCK;
         FN(fill_theta)(th, theta, C, inner, b0, len);
-        T_ *vb = v + b0;
-        for (int64_t t = 0; t < T; t++) {
-            const T_ *xb = x + t * xs + b0;
-            T_ *ob = out + t * os + b0;
-            for (int64_t j = 0; j < len; j++) ob[j] = FN(if_step)(vb + j, xb[j], th[j]);
+        if (v0) FN(fill_theta)(vi, v0, C, inner, b0, len);
+        const T_ *vsrc = v0 ? vi : v + b0;
+        int64_t j0 = 0;
+        for (; j0 + 2 * VW <= len; j0 += 2 * VW) {
+            V t1, t2, va, vb;
+            VLOAD(t1, th + j0); VLOAD(t2, th + j0 + VW);
+            VLOAD(va, vsrc + j0); VLOAD(vb, vsrc + j0 + VW);
+            for (int64_t t = 0; t < T; t++) {
+                const T_ *xp = x + t * xs + b0 + j0;
+                V xa, xb, oa, ob;
+                VLOAD(xa, xp); VLOAD(xb, xp + VW);
+                if (x2) {
+                    const T_ *yp = x2 + t * x2s + b0 + j0;
+                    V ya, yb;
+                    VLOAD(ya, yp); VLOAD(yb, yp + VW);
+                    xa = xa + ya;
+                    xb = xb + yb;
+                }
+                xa = va + xa;  /* m */
+                xb = vb + xb;
+                oa = (V)((IV)t1 & (IV)(xa >= t1));
+                ob = (V)((IV)t2 & (IV)(xb >= t2));
+                va = xa - oa;
+                vb = xb - ob;
+                T_ *op = out + t * os + b0 + j0;
+                VSTORE(op, oa); VSTORE(op + VW, ob);
+            }
+            VSTORE(v + b0 + j0, va); VSTORE(v + b0 + j0 + VW, vb);
+        }
+        if (j0 < len) {
+            T_ *vb = v + b0;
+            if (v0) for (int64_t j = j0; j < len; j++) vb[j] = vi[j];
+            for (int64_t t = 0; t < T; t++) {
+                const T_ *xb = x + t * xs + b0;
+                T_ *ob = out + t * os + b0;
+                for (int64_t j = j0; j < len; j++)
+                    ob[j] = FN(if_step)(vb + j, x2 ? xb[j] + x2[t * x2s + b0 + j] : xb[j], th[j]);
+            }
         }
     }
 }
 
+/* One vector step of the dual-threshold neuron (dual_step on every lane): m = v + x; pos = m >= θ;
+ * neg = m < θ_neg and c > 0; o = θ if pos, −θ if neg and not pos, else 0; v = m − o; c = c + pos − neg
+ * (the masks are −1 where true, so pos − neg is neg_mask − pos_mask). */
+#define DUAL_VSTEP(vv, cc, xx, tt, nn, oo)                                                            \
+    do {                                                                                              \
+        const V m_ = (vv) + (xx);                                                                     \
+        const IV pos_ = (IV)(m_ >= (tt)), neg_ = (IV)(m_ < (nn)) & (IV)((cc) > (V){0});             \
+        (oo) = (V)(((IV)(tt) & pos_) | ((IV)(-(tt)) & neg_ & ~pos_));                              \
+        (vv) = m_ - (oo);                                                                             \
+        (cc) = (cc) + __builtin_convertvector(neg_ - pos_, V);                                        \
+    } while (0)
+
 /* Dual-threshold neuron:  s = +1 if m >= θ;  −1 if m < θ_neg and the count c > 0;  else 0;
- * v = m − s·θ;  c = c + s.  neg_units is θ_neg in units of θ (θ_neg = θ·neg_units, as the reference). */
-void FN(dual_run)(const T_ *x, int64_t xs, T_ *out, int64_t os, T_ *v, T_ *c, int64_t T, int64_t n,
-                  const T_ *theta, int64_t C, int64_t inner, double neg_units, int nthreads) {
+ * v = m − s·θ;  c = c + s.  neg_units is θ_neg in units of θ (θ_neg = θ·neg_units, as the reference).
+ * x2, x2s and v0 as for if_run (a fresh start also sets c = 0). */
+void FN(dual_run)(const T_ *x, int64_t xs, const T_ *x2, int64_t x2s, T_ *out, int64_t os, T_ *v, T_ *c,
+                  int64_t T, int64_t n, const T_ *theta, int64_t C, int64_t inner, double neg_units,
+                  const T_ *v0, int nthreads) {
+    typedef FN(vec) V;
+    typedef FN(ivec) IV;
     const T_ u = (T_)neg_units;
     const int64_t nb = (n + BLOCK - 1) / BLOCK;
     PARALLEL_FOR
     for (int64_t bi = 0; bi < nb; bi++) {
-        T_ th[BLOCK], thn[BLOCK];
+        T_ th[BLOCK], thn[BLOCK], vi[BLOCK], zero[2 * VW];
         const int64_t b0 = bi * BLOCK, len = n - b0 < BLOCK ? n - b0 : BLOCK;
         FN(fill_theta)(th, theta, C, inner, b0, len);
         for (int64_t j = 0; j < len; j++) thn[j] = th[j] * u;
-        T_ *vb = v + b0, *cb = c + b0;
-        for (int64_t t = 0; t < T; t++) {
-            const T_ *xb = x + t * xs + b0;
-            T_ *ob = out + t * os + b0;
-            for (int64_t j = 0; j < len; j++) ob[j] = FN(dual_step)(vb + j, cb + j, xb[j], th[j], thn[j]);
+        if (v0) FN(fill_theta)(vi, v0, C, inner, b0, len);
+        for (int64_t j = 0; j < 2 * VW; j++) zero[j] = (T_)0;
+        const T_ *vsrc = v0 ? vi : v + b0;
+        int64_t j0 = 0;
+        for (; j0 + 2 * VW <= len; j0 += 2 * VW) {
+            V t1, t2, n1, n2, va, vb, ca, cb;
+            const T_ *csrc = v0 ? zero : c + b0 + j0;
+            VLOAD(t1, th + j0); VLOAD(t2, th + j0 + VW);
+            VLOAD(n1, thn + j0); VLOAD(n2, thn + j0 + VW);
+            VLOAD(va, vsrc + j0); VLOAD(vb, vsrc + j0 + VW);
+            VLOAD(ca, csrc); VLOAD(cb, csrc + VW);
+            for (int64_t t = 0; t < T; t++) {
+                const T_ *xp = x + t * xs + b0 + j0;
+                V xa, xb, oa, ob;
+                VLOAD(xa, xp); VLOAD(xb, xp + VW);
+                if (x2) {
+                    const T_ *yp = x2 + t * x2s + b0 + j0;
+                    V ya, yb;
+                    VLOAD(ya, yp); VLOAD(yb, yp + VW);
+                    xa = xa + ya;
+                    xb = xb + yb;
+                }
+                DUAL_VSTEP(va, ca, xa, t1, n1, oa);
+                DUAL_VSTEP(vb, cb, xb, t2, n2, ob);
+                T_ *op = out + t * os + b0 + j0;
+                VSTORE(op, oa); VSTORE(op + VW, ob);
+            }
+            VSTORE(v + b0 + j0, va); VSTORE(v + b0 + j0 + VW, vb);
+            VSTORE(c + b0 + j0, ca); VSTORE(c + b0 + j0 + VW, cb);
+        }
+        if (j0 < len) {
+            T_ *vb = v + b0, *cb = c + b0;
+            if (v0) for (int64_t j = j0; j < len; j++) { vb[j] = vi[j]; cb[j] = (T_)0; }
+            for (int64_t t = 0; t < T; t++) {
+                const T_ *xb = x + t * xs + b0;
+                T_ *ob = out + t * os + b0;
+                for (int64_t j = j0; j < len; j++)
+                    ob[j] = FN(dual_step)(vb + j, cb + j, x2 ? xb[j] + x2[t * x2s + b0 + j] : xb[j], th[j], thn[j]);
+            }
         }
     }
 }
+#undef DUAL_VSTEP
+#undef VW
+#undef VLOAD
+#undef VSTORE
 
 /* A neuron layer followed by k×k average pooling with stride k (no padding), on channels-last
  * [B, H, W, C] maps, fused: the spike maps are pooled while in registers and never written. Work is

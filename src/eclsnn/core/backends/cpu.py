@@ -33,7 +33,7 @@ from eclsnn.errors import BackendError
 from eclsnn.core.backends import _library
 from eclsnn.core.backends.selection import default_backend, env_backend, reference_only
 
-__all__ = ["available", "built", "enabled", "reference_only", "openmp", "build_error", "is_dense", "neuron_run",
+__all__ = ["available", "built", "enabled", "reference_only", "openmp", "build_error", "is_dense", "neuron_run", "addable",
            "neuron_pool_run", "clip_forward", "clip_backward"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
@@ -50,8 +50,8 @@ _I = ctypes.c_int64
 _D = ctypes.c_double
 _N = ctypes.c_int
 _SIGNATURES = {
-    "if_run": [_P, _I, _P, _I, _P, _I, _I, _P, _I, _I, _N],
-    "dual_run": [_P, _I, _P, _I, _P, _P, _I, _I, _P, _I, _I, _D, _N],
+    "if_run": [_P, _I, _P, _I, _P, _I, _P, _I, _I, _P, _I, _I, _P, _N],
+    "dual_run": [_P, _I, _P, _I, _P, _I, _P, _P, _I, _I, _P, _I, _I, _D, _P, _N],
     "pool_run": [_P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _P, _I, _D, _N],
     "clip_fwd": [_P, _P, _I, _P, _I, _D, _N],
     "clip_fwd_pc": [_P, _P, _I, _P, _I, _I, _I, _D, _N],
@@ -160,12 +160,18 @@ def _theta_arg(theta: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, i
 # ---- neurons -------------------------------------------------------------------------------------
 
 def neuron_run(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, count: torch.Tensor | None,
-               neg_units: float | None) -> torch.Tensor:
+               neg_units: float | None, addend: torch.Tensor | None = None,
+               v_start: torch.Tensor | None = None) -> torch.Tensor:
     """Run T steps of the IF (``count`` None) or dual-threshold neuron over ``x_seq`` ``[T, ...]``.
 
     ``v`` (and ``count``) are the state, dense with the layout of one step of ``x_seq``, updated in
     place. ``theta`` is a scalar or ``[C]`` tensor; ``neg_units`` is θ_neg in units of θ. Returns the
     outputs θ·s ``[T, ...]`` with the per-step layout of ``x_seq[0]``.
+
+    ``addend`` ``[T, ...]`` (steps laid out like those of ``x_seq``, see :func:`addable`): the input
+    current is ``x_seq + addend``, added in the kernel (a residual addition before the neuron, without
+    its sum in memory). ``v_start`` (θ's shape): start afresh from ``v = v_start`` and ``count = 0``;
+    ``v`` and ``count`` are then only written (they may be uninitialised).
     """
     lib = _load()
     y = x_seq[0]
@@ -176,14 +182,32 @@ def neuron_run(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, count:
     th, nth = _theta_arg(theta, y.dtype)
     if nth == 1:
         C = 1
+    a_ptr, a_stride = None, 0
+    if addend is not None:
+        a_ptr, a_stride = addend.data_ptr(), addend.stride(0) if T > 1 else n
+    v0 = None
+    if v_start is not None:
+        v0, n0 = _theta_arg(v_start, y.dtype)
+        if n0 != nth:
+            raise ValueError(f"v_start has {n0} values where theta has {nth}")
+    v0p = None if v0 is None else v0.data_ptr()
     sfx = _suffix(y)
     xp, op, vp, tp = y.data_ptr(), out.data_ptr(), v.data_ptr(), th.data_ptr()
     nt = _threads(n * T)
     if count is None:
-        getattr(lib, f"if_run_{sfx}")(xp, xs, op, n, vp, T, n, tp, C, inner, nt)
+        getattr(lib, f"if_run_{sfx}")(xp, xs, a_ptr, a_stride, op, n, vp, T, n, tp, C, inner, v0p, nt)
     else:
-        getattr(lib, f"dual_run_{sfx}")(xp, xs, op, n, vp, count.data_ptr(), T, n, tp, C, inner, float(neg_units), nt)
+        getattr(lib, f"dual_run_{sfx}")(xp, xs, a_ptr, a_stride, op, n, vp, count.data_ptr(), T, n, tp, C, inner,
+                                        float(neg_units), v0p, nt)
     return out
+
+
+def addable(x_seq: torch.Tensor, addend: torch.Tensor) -> bool:
+    """Whether :func:`neuron_run` can take ``addend`` with ``x_seq``: the same shape and dtype, on the
+    CPU, and each step laid out like those of ``x_seq`` (same strides; a step stride of 0 is a current
+    that is the same every step)."""
+    return (addend.shape == x_seq.shape and addend.dtype == x_seq.dtype and addend.device.type == "cpu"
+            and addend[0].stride() == x_seq[0].stride())
 
 
 def pool_fusable(y: torch.Tensor, k: int) -> bool:
