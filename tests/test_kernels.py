@@ -468,6 +468,44 @@ def test_residual_additions_are_formed_in_the_neuron_kernel_spike_for_spike(dtyp
     assert set(inputs) == {"a1", "a2", "a3", "a4"}
 
 
+class StaticFirstNet(nn.Module):
+    """A residual sum whose first operand is computed before the first neuron (static over time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(2, 6, 3, padding=1)
+        self.c1, self.a1 = nn.Conv2d(2, 6, 3, padding=1), ThresholdClip(4, 1.0)
+        self.c2, self.a2 = nn.Conv2d(6, 6, 3, padding=1), ThresholdClip(4, 0.8)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.a2(self.c0(x) + self.c2(self.a1(self.c1(x))))
+        return self.fc(y.mean((2, 3)))
+
+
+@torch.no_grad()
+def test_a_residual_sum_with_a_static_first_operand_matches_the_unfused_path_bit_for_bit():
+    torch.manual_seed(1)
+    snn = eclsnn.convert(StaticFirstNet().eval(), neuron="dual")
+    x = torch.randn(8, 2, 8, 8) * 2
+    fused = snn.run(x, 5)
+    snn.fuse_additions = False
+    assert torch.equal(fused, snn.run(x, 5))
+    with kernels.reference_only():
+        assert torch.equal(fused, snn.run(x, 5))
+
+
+def test_carrying_the_state_into_another_dtype_converts_it():
+    x = _seq(3, (2, 4, 5, 5), torch.float32, "channels_last")
+    fast, ref = _neuron("dual", 0.9), _neuron("dual", 0.9)
+    fast.multi_step(x)
+    with kernels.reference_only():
+        ref.multi_step(x)
+        expected = ref.multi_step(x.double(), carry=True)
+    assert torch.equal(fast.multi_step(x.double(), carry=True), expected)
+    assert torch.allclose(fast.v, ref.v.to(fast.v.dtype), atol=1e-6)  # (no garbage from a float32 buffer)
+
+
 def test_fusion_is_planned_for_plain_average_pooling_only():
     model = _trained_like(PoolNet())
     snn = eclsnn.convert(model)

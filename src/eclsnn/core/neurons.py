@@ -80,8 +80,8 @@ class SpikingNeuron(StatefulModule):
                                       "reset() the network first")
             state = self.state()
             if dense:
-                state = {k: None if s is None else s if s.stride() == x.stride() else torch.empty_like(x).copy_(s)
-                         for k, s in state.items()}
+                state = {k: None if s is None else s if s.stride() == x.stride() and s.dtype == x.dtype
+                         else torch.empty_like(x).copy_(s) for k, s in state.items()}
             return state
         theta = self.theta_like(x)
         state = {"v": torch.empty_like(x).copy_((theta * self.v_init).expand_as(x))}

@@ -146,7 +146,11 @@ def execute(gm: fx.GraphModule, plan: Plan, x: torch.Tensor, T: int, input_kind:
         addition = additions.get(node)
         if addition is not None:  # the residual addition before the neuron: formed in its kernel if it can be
             a, b = addition.args
-            if fuse_additions and torch.is_tensor(env[a]) and torch.is_tensor(env[b]):
+            # (static + sequence: torch lays the stored sum out like its first operand's time-expanded
+            # copy, contiguous; the kernel would keep the static value's layout, and later reductions
+            # would round differently — left to torch)
+            if fuse_additions and torch.is_tensor(env[a]) and torch.is_tensor(env[b]) \
+                    and not (kind[a] == STATIC and kind[b] == SEQ):
                 out = target.multi_step_sum(steps(a), steps(b), carry=carry, backend=backend)
                 if out is not None:
                     env[node], kind[node] = out.flatten(0, 1), SEQ
