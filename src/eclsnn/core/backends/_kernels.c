@@ -160,15 +160,15 @@ void FN(if_run)(const T_ *x, int64_t xs, const T_ *x2, int64_t x2s, T_ *out, int
 }
 
 /* One vector step of the dual-threshold neuron (dual_step on every lane): m = v + x; pos = m >= θ;
- * neg = m < θ_neg and c > 0; o = θ if pos, −θ if neg and not pos, else 0; v = m − o; c = c + pos − neg
- * (the masks are −1 where true, so pos − neg is neg_mask − pos_mask). */
+ * neg = m < θ_neg and c > 0; o = θ if pos, −θ if neg and not pos, else 0; v = m − o; c = c + (pos − neg),
+ * pos − neg formed as 1.0 or 0.0 per mask (exactly −1, 0 or +1, as the scalar step's conversion). */
 #define DUAL_VSTEP(vv, cc, xx, tt, nn, oo)                                                            \
     do {                                                                                              \
-        const V m_ = (vv) + (xx);                                                                     \
+        const V m_ = (vv) + (xx), one_ = (V){0} + (T_)1;                                              \
         const IV pos_ = (IV)(m_ >= (tt)), neg_ = (IV)(m_ < (nn)) & (IV)((cc) > (V){0});             \
         (oo) = (V)(((IV)(tt) & pos_) | ((IV)(-(tt)) & neg_ & ~pos_));                              \
         (vv) = m_ - (oo);                                                                             \
-        (cc) = (cc) + __builtin_convertvector(neg_ - pos_, V);                                        \
+        (cc) = (cc) + ((V)((IV)one_ & pos_) - (V)((IV)one_ & neg_));                                 \
     } while (0)
 
 /* Dual-threshold neuron:  s = +1 if m >= θ;  −1 if m < θ_neg and the count c > 0;  else 0;
