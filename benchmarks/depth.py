@@ -587,10 +587,20 @@ def plot(path: Path) -> None:
                     ys.append(statistics.fmean(gaps))
                     es.append(statistics.stdev(gaps) if len(gaps) > 1 else 0.0)
                     names.append(k[0].replace("torchvision:", "tv:") + (f" {k[1]}" if k[1] else ""))
-            if xs:
-                ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=f"T = {t}")
-                for x, y, name in zip(xs, ys, names):
-                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            # the registry's resnet family (one design, depth varied) is one line; other networks are
+            # single points beside it, not joined to it
+            fam = [i for i, n in enumerate(names) if n.startswith("resnet")]
+            other = [i for i in range(len(names)) if i not in fam]
+            color = "C0" if t == 2 else "C1"
+            if fam:
+                ax.errorbar([xs[i] for i in fam], [ys[i] for i in fam], yerr=[es[i] for i in fam], marker=marker,
+                            capsize=3, color=color, label=f"T = {t}, resnet family")
+            if other:
+                ax.errorbar([xs[i] for i in other], [ys[i] for i in other], yerr=[es[i] for i in other],
+                            marker=marker, capsize=3, color=color, linestyle="none", mfc="none",
+                            label=f"T = {t}, other networks")
+            for x, y, name in zip(xs, ys, names):
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("spiking layers")
         ax.set_title("to its own quantised ANN" if against == "own" else "to the ReLU twin's ANN (same seed, budget)")
         ax.grid(alpha=0.3)
