@@ -102,6 +102,19 @@ typedef ITYPE FN(ivec) __attribute__((vector_size(32)));
 #define VW ((int64_t)(32 / sizeof(T_)))
 #define VLOAD(dst, src) memcpy(&(dst), (src), sizeof(FN(vec)))
 #define VSTORE(dst, src) memcpy((dst), &(src), sizeof(FN(vec)))
+/* The input current of step t for the 2·VW neurons at b0 + j0: x[t] (+ x2[t], added first). */
+#define VINPUT(xa, xb, t)                                                                             \
+    do {                                                                                              \
+        const T_ *xp_ = x + (t) * xs + b0 + j0;                                                       \
+        VLOAD(xa, xp_); VLOAD(xb, xp_ + VW);                                                          \
+        if (x2) {                                                                                     \
+            const T_ *yp_ = x2 + (t) * x2s + b0 + j0;                                                 \
+            V ya_, yb_;                                                                               \
+            VLOAD(ya_, yp_); VLOAD(yb_, yp_ + VW);                                                    \
+            xa = xa + ya_;                                                                            \
+            xb = xb + yb_;                                                                            \
+        }                                                                                             \
+    } while (0)
 
 /* IF neuron, reset by subtraction:  m = v + x;  o = θ if m >= θ else 0;  v = m − o.
  * x2 (or NULL): a second input current added to x first (the residual addition before the neuron),
@@ -125,16 +138,8 @@ void FN(if_run)(const T_ *x, int64_t xs, const T_ *x2, int64_t x2s, T_ *out, int
             VLOAD(t1, th + j0); VLOAD(t2, th + j0 + VW);
             VLOAD(va, vsrc + j0); VLOAD(vb, vsrc + j0 + VW);
             for (int64_t t = 0; t < T; t++) {
-                const T_ *xp = x + t * xs + b0 + j0;
                 V xa, xb, oa, ob;
-                VLOAD(xa, xp); VLOAD(xb, xp + VW);
-                if (x2) {
-                    const T_ *yp = x2 + t * x2s + b0 + j0;
-                    V ya, yb;
-                    VLOAD(ya, yp); VLOAD(yb, yp + VW);
-                    xa = xa + ya;
-                    xb = xb + yb;
-                }
+                VINPUT(xa, xb, t);
                 xa = va + xa;  /* m */
                 xb = vb + xb;
                 oa = (V)((IV)t1 & (IV)(xa >= t1));
@@ -199,16 +204,8 @@ void FN(dual_run)(const T_ *x, int64_t xs, const T_ *x2, int64_t x2s, T_ *out, i
             VLOAD(va, vsrc + j0); VLOAD(vb, vsrc + j0 + VW);
             VLOAD(ca, csrc); VLOAD(cb, csrc + VW);
             for (int64_t t = 0; t < T; t++) {
-                const T_ *xp = x + t * xs + b0 + j0;
                 V xa, xb, oa, ob;
-                VLOAD(xa, xp); VLOAD(xb, xp + VW);
-                if (x2) {
-                    const T_ *yp = x2 + t * x2s + b0 + j0;
-                    V ya, yb;
-                    VLOAD(ya, yp); VLOAD(yb, yp + VW);
-                    xa = xa + ya;
-                    xb = xb + yb;
-                }
+                VINPUT(xa, xb, t);
                 DUAL_VSTEP(va, ca, xa, t1, n1, oa);
                 DUAL_VSTEP(vb, cb, xb, t2, n2, ob);
                 T_ *op = out + t * os + b0 + j0;
@@ -233,6 +230,7 @@ void FN(dual_run)(const T_ *x, int64_t xs, const T_ *x2, int64_t x2s, T_ *out, i
 #undef VW
 #undef VLOAD
 #undef VSTORE
+#undef VINPUT
 
 /* A neuron layer followed by k×k average pooling with stride k (no padding), on channels-last
  * [B, H, W, C] maps, fused: the spike maps are pooled while in registers and never written. Work is
